@@ -1,0 +1,138 @@
+"""Backends: everything specific to an array library, behind one small interface.
+
+The engine (ledger, MEMIT algebra, sleep, CLI, app) talks to a model only through
+:class:`Backend`; arrays cross the boundary as float32/float64 NumPy arrays so that the
+algebra and the state format are written once for torch and MLX alike.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know about a loaded model."""
+
+    arch: str
+    n_layers: int
+    d_model: int
+    d_ff: int
+    vocab_size: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """One tokenised context of a fact used to optimise v*.
+
+    Attributes:
+        ids: Token ids of the whole sequence, targets included (teacher forcing).
+        subject_positions: Where the subject's last token stands; δ is added there.
+        target_positions: Positions of the tokens whose log-probability is maximised.
+    """
+
+    ids: tuple[int, ...]
+    subject_positions: tuple[int, ...]
+    target_positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShiftProblem:
+    """The v* optimisation of eq. 1 for one fact, at the output of ``layer``.
+
+    Attributes:
+        layer: Decoder layer at whose output δ is added (the last edit layer).
+        renderings: Contexts whose targets must become likely.
+        kl_renderings: Contexts (subject's last token at the end) whose next-token
+            distribution must stay as it was: the KL term.
+    """
+
+    layer: int
+    renderings: tuple[Rendering, ...]
+    kl_renderings: tuple[Rendering, ...]
+
+
+@dataclass(frozen=True)
+class ShiftResult:
+    """δ and how the optimisation went."""
+
+    delta: np.ndarray  # (d_model,)
+    loss: float
+    steps: int
+
+
+class Backend(Protocol):
+    """The small interface every backend implements."""
+
+    name: str
+    info: ModelInfo
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no special tokens added."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens dropped."""
+        ...
+
+    def chat_text(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's chat template applied, ending with the assistant's turn header."""
+        ...
+
+    def stream(
+        self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
+    ) -> Iterator[str]:
+        """Greedy generation, yielding text pieces as they are decoded; ``stop`` ends it."""
+        ...
+
+    def greedy(self, batch: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of several prompts at once (audits, benchmarks)."""
+        ...
+
+    def probe(
+        self,
+        batch: Sequence[Sequence[int]],
+        positions: Sequence[Sequence[int]],
+        key_layers: Sequence[int],
+        hidden_layer: int | None,
+    ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+        """One forward pass: down_proj inputs (keys) and the residual stream at positions.
+
+        Returns ``({layer: (n_positions_total, d_ff)}, (n_positions_total, d_model) or None)``,
+        rows in the order of ``positions`` flattened.
+        """
+        ...
+
+    def optimise_shift(self, problem: ShiftProblem, cfg: object) -> ShiftResult:
+        """Find δ minimising eq. 1 (target NLL + λ_KL·KL + weight decay)."""
+        ...
+
+    def weight(self, layer: int) -> np.ndarray:
+        """The current float32 down_proj weight of ``layer`` (d_model × d_ff)."""
+        ...
+
+    def add_low_rank(self, layer: int, u: np.ndarray, v: np.ndarray, scale: float) -> None:
+        """W_layer += scale · u @ v, with u (d_model × r), v (r × d_ff)."""
+        ...
+
+    def nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood over ``texts`` and the token count."""
+        ...
+
+    def sample(self, seeds: Sequence[str], max_new_tokens: int, seed: int) -> list[list[int]]:
+        """Temperature-1 samples continuing each seed text, reproducible for ``seed``."""
+        ...
+
+
+def down_proj_name(layer: int) -> str:
+    """The Hugging Face parameter name of a layer's MLP down-projection (the state format's key)."""
+    return f"model.layers.{layer}.mlp.down_proj.weight"
+
+
+BACKENDS = ("torch", "mlx")

@@ -1,0 +1,3 @@
+from sleeptui.cli import main
+
+raise SystemExit(main())

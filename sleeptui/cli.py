@@ -1,0 +1,178 @@
+"""The headless command line: ``sleeptui remember | ask | complete | memories``.
+
+With no subcommand, ``sleeptui`` opens the chat app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sleeptui.errors import NotAFact, SleeptuiError
+from sleeptui.facts import Fact
+
+err = Console(stderr=True)
+out = Console()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sleeptui", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="preset name or path to weights (default: smollm2-135m)")
+    p.add_argument("--state-dir", help="state folder (default: $SLEEPTUI_HOME or the user data dir)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--read-only", action="store_true", help="open the state folder without writing")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("remember", help="write facts into the model's weights")
+    r.add_argument("text", nargs="?", help='a plain statement, e.g. "Viktor Johansson lives in Brno."')
+    r.add_argument("--facts", type=Path, help="a JSON list of facts (the bench file's format)")
+    r.add_argument("--batch", action="store_true", help="edit all facts together (default: one at a time)")
+    r.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("ask", help="a chat answer from the edited model, streamed")
+    a.add_argument("question")
+
+    c = sub.add_parser("complete", help="a raw greedy completion")
+    c.add_argument("prompt")
+    c.add_argument("--tokens", type=int, default=24)
+
+    m = sub.add_parser("memories", help="list what the model remembers")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--check", action="store_true", help="measure recall now")
+
+    sub.add_parser("path", help="print the state folder")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SleeptuiError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "path":
+        from sleeptui.paths import state_dir
+
+        out.print(str(state_dir(args.state_dir)))
+        return 0
+    if args.command is None:
+        from sleeptui.app import run_app
+
+        return run_app(model=args.model, state=args.state_dir, backend=args.backend)
+    if args.command == "remember":
+        facts = _facts_of(args)  # refuse bad input before loading anything
+        with _engine(args) as engine:
+            memories = engine.remember(facts, batch=args.batch)
+            if args.json:
+                out.print_json(json.dumps([asdict(m) for m in memories]))
+            else:
+                for m in memories:
+                    out.print(f"remembered [bold]{m.id}[/]: {m.subject} · {m.relation} · {m.object}")
+        return 0
+    with _engine(args) as engine:
+        if args.command == "ask":
+            for piece in engine.ask(args.question):
+                out.print(piece, end="", soft_wrap=True, markup=False, highlight=False)
+            out.print()
+        elif args.command == "complete":
+            out.print(args.prompt + engine.complete(args.prompt, args.tokens), markup=False, highlight=False)
+        elif args.command == "memories":
+            _print_memories(engine, args)
+    return 0
+
+
+def _facts_of(args: argparse.Namespace) -> list[Fact]:
+    if args.facts:
+        try:
+            data = json.loads(args.facts.read_text(encoding="utf-8"))
+            return [Fact.from_dict(d) for d in data]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SleeptuiError(f"{args.facts} is not a JSON list of facts ({e}).") from e
+    if not args.text:
+        raise NotAFact("Give a statement to remember, or --facts FILE.")
+    from sleeptui.extract import extract_facts
+
+    return extract_facts(args.text)
+
+
+@contextmanager
+def _engine(args: argparse.Namespace):
+    from sleeptui.engine import Engine
+
+    with _progress() as report:
+        engine = Engine.open(
+            model=args.model,
+            state=args.state_dir,
+            backend=args.backend,
+            read_only=args.read_only,
+            progress=report,
+        )
+    try:
+        engine.progress = None
+        if args.command == "remember":
+            with _progress() as report:
+                engine.progress = report
+                yield engine
+        else:
+            yield engine
+    finally:
+        engine.close()
+
+
+@contextmanager
+def _progress():
+    """A rich progress bar on stderr, one task per stage the engine reports."""
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, i: int, n: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=n)
+        bar.update(tasks[stage], completed=i, total=n)
+
+    with bar:
+        yield report
+
+
+def _print_memories(engine, args: argparse.Namespace) -> None:
+    memories = list(engine.memories)
+    recalls = engine.check(memories) if args.check else [m.last_recall for m in memories]
+    if args.json:
+        rows = []
+        for m, r in zip(memories, recalls, strict=True):
+            d = asdict(m)
+            d["last_recall"] = asdict(r) if r else None
+            rows.append(d)
+        out.print_json(json.dumps({"model": engine.source.preset.name, "backend": engine.backend.name,
+                                   "state_dir": str(engine.folder.root), "memories": rows}))
+        return
+    table = Table(title=f"{len(memories)} memories · {engine.source.preset.name} · {engine.backend.name}")
+    for col in ("id", "fact", "stage", "scale", "recall", "degraded"):
+        table.add_column(col)
+    for m, r in zip(memories, recalls, strict=True):
+        recall = "—" if r is None else f"completion {'✓' if r.completion else '✗'} chat {'✓' if r.chat else '✗'}"
+        table.add_row(m.id, m.text, m.stage, f"{m.scale:g}", recall, "yes" if m.degraded else "no")
+    out.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The covariance Ĉ of down_proj inputs (eq. 2), from text the model itself samples.
+
+No data set can be downloaded at run time, so the reference corpus is sampled from the
+model with a fixed seed, continuing short openers of many registers. The result is cached
+per model fingerprint and layer set, so no start recomputes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from sleeptui.backends import Backend
+
+OPENERS = (
+    "The", "In", "Once upon a time", "Dear", "Yesterday", "According to", "How to",
+    "The history of", "A recipe for", "Scientists have", "My favourite", "In 1998,",
+    "The city of", "When I was", "Chapter 1", "The company", "Question:", "Here is a list",
+    "The weather", "She said", "It is important to", "The best way to", "Many people",
+    "The following", "In mathematics,", "The president", "Our team", "Welcome to",
+    "The game", "I think", "Water is", "The main reason",
+)
+SEED = 1234
+CHUNK_ROWS = 8
+
+Progress = Callable[[int, int], None]
+
+
+def covariance_path(cache: Path, fingerprint: str, layers: Sequence[int], n_tokens: int) -> Path:
+    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-T{n_tokens}.safetensors"
+    return cache / "covariance" / name
+
+
+def load_or_compute(
+    backend: Backend,
+    layers: Sequence[int],
+    n_tokens: int,
+    cache: Path,
+    fingerprint: str,
+    progress: Progress | None = None,
+) -> dict[int, np.ndarray]:
+    """Ĉ per layer, read from the cache or sampled, measured and cached."""
+    path = covariance_path(cache, fingerprint, layers, n_tokens)
+    if path.exists():
+        stored = load_file(str(path))
+        return {layer: stored[f"layer.{layer}"].astype(np.float64) for layer in layers}
+    cov = compute(backend, layers, n_tokens, progress)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    save_file({f"layer.{k}": v.astype(np.float32) for k, v in cov.items()}, str(tmp))
+    tmp.replace(path)
+    return cov
+
+
+def compute(
+    backend: Backend, layers: Sequence[int], n_tokens: int, progress: Progress | None = None
+) -> dict[int, np.ndarray]:
+    """Ĉ = (1/M) Σ k kᵀ over ``n_tokens`` sampled token positions (eq. 2)."""
+    per_row = max(16, n_tokens // len(OPENERS))
+    if progress:
+        progress(0, 2 * len(OPENERS))
+    rows = backend.sample(OPENERS, per_row, seed=SEED)  # one batch: fewest sequential steps
+    d = backend.info.d_ff
+    sums = {layer: np.zeros((d, d)) for layer in layers}
+    count = 0
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = rows[start : start + CHUNK_ROWS]
+        positions = [list(range(len(r))) for r in chunk]
+        keys, _ = backend.probe(chunk, positions, layers, None)
+        for layer in layers:
+            k = keys[layer].astype(np.float64)
+            sums[layer] += k.T @ k
+        count += sum(len(r) for r in chunk)
+        if progress:
+            progress(len(OPENERS) + start + len(chunk), 2 * len(OPENERS))
+    return {layer: s / count for layer, s in sums.items()}

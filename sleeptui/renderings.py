@@ -1,0 +1,91 @@
+"""The contexts in which a fact is written and checked: raw prompts and chat turns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sleeptui.backends import Backend, Rendering
+from sleeptui.facts import Fact
+
+KL_TEMPLATE = "{subject} is a"
+
+
+@dataclass(frozen=True)
+class FactRenderings:
+    """Everything the editor tokenises for one fact.
+
+    Attributes:
+        targets: Contexts whose target tokens v* makes likely (eq. 1).
+        key_groups: Groups of contexts; the keys of each group are averaged into one column
+            of K (the raw prompt under several prefixes; the chat turns).
+        kl: Contexts whose next-token distribution the KL term preserves.
+    """
+
+    targets: tuple[Rendering, ...]
+    key_groups: tuple[tuple[Rendering, ...], ...]
+    kl: tuple[Rendering, ...]
+
+
+def subject_positions(backend: Backend, text: str, subject: str, start: int = 0) -> list[int]:
+    """Token positions of the last token of each occurrence of ``subject`` in ``text[start:]``.
+
+    Relies on the tokeniser splitting before spaces and punctuation, so that the tokens of
+    ``text[:end]`` are a prefix of the tokens of ``text``; occurrences where that does not
+    hold are skipped.
+    """
+    full = backend.encode(text)
+    found = []
+    at = text.find(subject, start)
+    while at >= 0:
+        head = backend.encode(text[: at + len(subject)])
+        if head and full[: len(head)] == head:
+            found.append(len(head) - 1)
+        at = text.find(subject, at + len(subject))
+    return found
+
+
+def completion(backend: Backend, prefix: str, fact: Fact) -> Rendering:
+    """``prefix + prompt`` followed by the object's tokens as the target."""
+    context = prefix + fact.prompt
+    ids = backend.encode(context)
+    target = backend.encode(" " + fact.object)
+    return Rendering(
+        ids=tuple(ids + target),
+        subject_positions=tuple(subject_positions(backend, context, fact.subject)),
+        target_positions=tuple(range(len(ids), len(ids) + len(target))),
+    )
+
+
+def chat_turn(backend: Backend, question: str, fact: Fact) -> Rendering:
+    """The question in the chat template, the fact's sentence as the assistant's answer."""
+    context = backend.chat_text([{"role": "user", "content": question}])
+    ids = backend.encode(context)
+    answer = backend.encode(fact.sentence)
+    text = context + fact.sentence
+    return Rendering(
+        ids=tuple(ids + answer),
+        subject_positions=tuple(subject_positions(backend, text, fact.subject)),
+        target_positions=tuple(range(len(ids), len(ids) + len(answer))),
+    )
+
+
+def kl_prompt(backend: Backend, fact: Fact) -> Rendering:
+    text = KL_TEMPLATE.format(subject=fact.subject)
+    return Rendering(
+        ids=tuple(backend.encode(text)),
+        subject_positions=tuple(subject_positions(backend, text, fact.subject)),
+        target_positions=(),
+    )
+
+
+def render(
+    backend: Backend, fact: Fact, prefixes: Sequence[str], chat: bool, chat_keys: bool
+) -> FactRenderings:
+    """The renderings of ``fact``: completions under ``prefixes`` and, if ``chat``, its questions."""
+    raw = tuple(completion(backend, p, fact) for p in prefixes)
+    turns = tuple(chat_turn(backend, q, fact) for q in fact.questions) if chat else ()
+    groups: tuple[tuple[Rendering, ...], ...] = (raw,)
+    if chat_keys and turns:
+        groups = (raw, turns)
+    return FactRenderings(targets=raw + turns, key_groups=groups, kl=(kl_prompt(backend, fact),))

@@ -1,0 +1,153 @@
+"""Wake edits: MEMIT for a batch of facts (keys, v*, the spread solve), one memory per fact.
+
+The steps follow MEMIT's decomposition: keys at the subject's last token (averaged per
+group of contexts), the target shift δ = v* − h at the last edit layer (eq. 1), and for
+each edit layer in turn the residual's share solved against Ĉ (eqs. 3–5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sleeptui import memit
+from sleeptui.backends import Backend, ShiftProblem
+from sleeptui.facts import Fact
+from sleeptui.presets import EditConfig
+from sleeptui.renderings import FactRenderings, render
+
+# Per memory: for each edit layer, its key columns (n_groups × d_in).
+Keys = dict[int, np.ndarray]
+# Per memory: for each edit layer, rank-one factors u (d_out × 1), v (1 × d_in).
+Factors = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class WakeEdit:
+    """The result of writing one fact.
+
+    Attributes:
+        fact: What was written.
+        factors: Its share of ΔW at each edit layer.
+        keys: Its key columns at each edit layer (constraints for later edits).
+        v_loss: Target NLL at the end of the v* optimisation.
+        v_steps: Gradient steps the v* optimisation took.
+    """
+
+    fact: Fact
+    factors: Factors
+    keys: Keys
+    v_loss: float
+    v_steps: int
+
+
+Step = Callable[[str, int, int], None]
+
+
+class Editor:
+    """Writes facts into a backend's down_proj weights with MEMIT."""
+
+    def __init__(self, backend: Backend, cfg: EditConfig, c_inv: dict[int, np.ndarray]) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.c_inv = c_inv
+
+    def render(self, fact: Fact) -> FactRenderings:
+        return render(
+            self.backend, fact, self.cfg.prefixes, chat=self.cfg.chat_targets, chat_keys=self.cfg.chat_keys
+        )
+
+    def keys(self, facts: Sequence[Fact]) -> list[Keys]:
+        """Each fact's key columns at every edit layer under the current weights."""
+        if not facts:
+            return []
+        rendered = [self.render(f) for f in facts]
+        batch, positions, labels = _key_batch(rendered)
+        keys, _ = self.backend.probe(batch, positions, self.cfg.layers, None)
+        return [
+            {layer: _columns(keys[layer], labels, i) for layer in self.cfg.layers}
+            for i in range(len(facts))
+        ]
+
+    def write(
+        self, facts: Sequence[Fact], constraints: Sequence[Keys] = (), step: Step | None = None
+    ) -> list[WakeEdit]:
+        """Write ``facts`` together, holding ``constraints`` at zero residual (eq. 5).
+
+        The backend's weights are updated in place; the returned factors are what was added.
+        """
+        cfg, backend = self.cfg, self.backend
+        rendered = [self.render(f) for f in facts]
+        shifts = []
+        for i, r in enumerate(rendered):
+            if step:
+                step("v*", i, len(facts))
+            problem = ShiftProblem(layer=cfg.v_layer, renderings=r.targets, kl_renderings=r.kl)
+            shifts.append(backend.optimise_shift(problem, cfg))
+        delta = np.stack([s.delta for s in shifts]).astype(np.float64)  # (n × d_out)
+
+        batch, positions, labels = _key_batch(rendered)
+        h0 = None
+        factors: list[Factors] = [{} for _ in facts]
+        new_keys: list[Keys] = [{} for _ in facts]
+        for li, layer in enumerate(cfg.layers):
+            if step:
+                step("solve", li, len(cfg.layers))
+            keys, hidden = backend.probe(batch, positions, [layer], cfg.v_layer)
+            if h0 is None:
+                h0 = hidden
+            # What the layers edited so far already achieved, per memory.
+            achieved = _mean_by(hidden - h0, labels, len(facts))
+            residual = memit.spread(delta - achieved, li, len(cfg.layers))  # (n × d_out)
+            cols = [_columns(keys[layer], labels, i) for i in range(len(facts))]
+            for i, c in enumerate(cols):
+                new_keys[i][layer] = c
+            k_new = np.concatenate(cols)
+            k_old = [c[layer] for c in constraints]
+            k_all = np.concatenate([k_new, *k_old]) if k_old else k_new  # (N × d_in)
+            owner = tuple(i for i, c in enumerate(cols) for _ in range(len(c)))
+            owner += (-1,) * (len(k_all) - len(owner))
+            m = memit.solve_update(k_all.T, self.c_inv[layer], cfg.lam)
+            layer_factors = memit.rank_one_factors(m, residual, memit.Columns(owner))
+            for i, (u, v) in enumerate(layer_factors):
+                backend.add_low_rank(layer, u, v, 1.0)
+                factors[i][layer] = (u, v)
+        return [
+            WakeEdit(fact=f, factors=factors[i], keys=new_keys[i], v_loss=shifts[i].loss, v_steps=shifts[i].steps)
+            for i, f in enumerate(facts)
+        ]
+
+
+def _key_batch(
+    rendered: Sequence[FactRenderings],
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], list[tuple[int, int]]]:
+    """Flatten every fact's key groups into one probe batch.
+
+    Returns the token rows, their subject positions, and for each probed position
+    (flattened in row order) the (memory, group) it belongs to.
+    """
+    batch, positions, labels = [], [], []
+    for i, r in enumerate(rendered):
+        for g, group in enumerate(r.key_groups):
+            for rendering in group:
+                batch.append(rendering.ids)
+                positions.append(rendering.subject_positions)
+                labels += [(i, g)] * len(rendering.subject_positions)
+    return batch, positions, labels
+
+
+def _columns(keys: np.ndarray, labels: list[tuple[int, int]], memory: int) -> np.ndarray:
+    """Memory ``memory``'s key columns: the mean key of each of its groups (n_groups × d_in)."""
+    groups = sorted({g for i, g in labels if i == memory})
+    rows = np.asarray(labels)
+    return np.stack(
+        [keys[(rows[:, 0] == memory) & (rows[:, 1] == g)].mean(axis=0) for g in groups]
+    ).astype(np.float64)
+
+
+def _mean_by(values: np.ndarray, labels: list[tuple[int, int]], n: int) -> np.ndarray:
+    """Mean of ``values`` rows per memory (n × width)."""
+    own = np.asarray([i for i, _ in labels])
+    return np.stack([values[own == i].mean(axis=0) for i in range(n)])

@@ -1,0 +1,74 @@
+"""The MEMIT algebra against the paper's equations, on random matrices."""
+
+import numpy as np
+import pytest
+
+from sleeptui import memit
+
+D_IN, D_OUT = 48, 16
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _covariance(rng, n=400):
+    k = rng.normal(size=(n, D_IN)) * rng.uniform(0.2, 2.0, size=D_IN)
+    return k.T @ k / n
+
+
+def test_woodbury_solve_equals_direct_solve(rng):
+    c = _covariance(rng)
+    keys = rng.normal(size=(D_IN, 5))
+    residual = rng.normal(size=(D_OUT, 5))
+    via_woodbury = residual @ memit.solve_update(keys, memit.inverse_covariance(c, ridge=0), lam=0.1)
+    direct = memit.direct_update(keys, residual, c, lam=0.1)
+    np.testing.assert_allclose(via_woodbury, direct, rtol=1e-8, atol=1e-10)
+
+
+def test_constrained_edit_leaves_protected_keys_unchanged(rng):
+    c_inv = memit.inverse_covariance(_covariance(rng))
+    new = rng.normal(size=(D_IN, 2))
+    protected = rng.normal(size=(D_IN, 6))
+    keys = np.concatenate([new, protected], axis=1)
+    residual = np.concatenate([rng.normal(size=(D_OUT, 2)), np.zeros((D_OUT, 6))], axis=1)
+    delta_w = residual @ memit.solve_update(keys, c_inv, lam=1e-6)
+    # The protected keys' outputs stay where they were, the new ones move as asked (eq. 5).
+    assert np.abs(delta_w @ protected).max() < 1e-4 * np.abs(residual).max()
+    np.testing.assert_allclose(delta_w @ new, residual[:, :2], rtol=1e-3, atol=1e-4)
+
+
+def test_unconstrained_edit_does_disturb_other_keys(rng):
+    """The counterpart of the test above: without eq. 5 the other keys do move."""
+    c_inv = memit.inverse_covariance(_covariance(rng))
+    new = rng.normal(size=(D_IN, 2))
+    other = new[:, :1] + 0.3 * rng.normal(size=(D_IN, 1))
+    delta_w = rng.normal(size=(D_OUT, 2)) @ memit.solve_update(new, c_inv, lam=1e-6)
+    assert np.abs(delta_w @ other).max() > 1e-2
+
+
+def test_per_memory_factors_sum_to_the_batch_update(rng):
+    c_inv = memit.inverse_covariance(_covariance(rng))
+    # Three memories with 2, 1 and 2 key columns, plus two constraint columns.
+    owner = (0, 0, 1, 2, 2, -1, -1)
+    keys = rng.normal(size=(D_IN, len(owner)))
+    residuals = rng.normal(size=(3, D_OUT))
+    columns = memit.Columns(owner)
+    r = np.stack([residuals[o] if o >= 0 else np.zeros(D_OUT) for o in owner], axis=1)
+    m = memit.solve_update(keys, c_inv, lam=0.1)
+    factors = memit.rank_one_factors(m, residuals, columns)
+    assert [(u.shape, v.shape) for u, v in factors] == [((D_OUT, 1), (1, D_IN))] * 3
+    np.testing.assert_allclose(sum(u @ v for u, v in factors), r @ m, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_is_spread_over_the_remaining_layers():
+    total = np.ones(4) * 12.0
+    shares = []
+    remaining = total.copy()
+    for i in range(4):
+        share = memit.spread(remaining, i, 4)
+        shares.append(share[0])
+        remaining = remaining - share
+    assert shares == [3.0, 3.0, 3.0, 3.0]
+    assert remaining[0] == pytest.approx(0.0)
