@@ -121,6 +121,15 @@ class Backend(Protocol):
         """W_layer += scale · u @ v, with u (d_model × r), v (r × d_ff)."""
         ...
 
+    def set_weight(self, layer: int, w: np.ndarray) -> None:
+        """Replace the down_proj weight of ``layer`` (rollback, swapping in a sleep's result)."""
+        ...
+
+    def clone(self) -> Backend | None:
+        """An independent copy of the model for sleep to work on, or None when the model is
+        too large to copy (then sleep works in place and replies wait for it)."""
+        ...
+
     def nll(self, texts: Sequence[str]) -> tuple[float, int]:
         """Summed next-token negative log-likelihood over ``texts`` and the token count."""
         ...

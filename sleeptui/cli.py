@@ -1,4 +1,4 @@
-"""The headless command line: ``sleeptui remember | ask | complete | memories``.
+"""The headless command line: ``sleeptui remember | ask | complete | memories | sleep | forget``.
 
 With no subcommand, ``sleeptui`` opens the chat app.
 """
@@ -27,15 +27,21 @@ out = Console()
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sleeptui", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="preset name or path to weights (default: smollm2-135m)")
-    p.add_argument("--state-dir", help="state folder (default: $SLEEPTUI_HOME or the user data dir)")
+    p.add_argument(
+        "--state-dir", help="state folder (default: $SLEEPTUI_HOME or the user data dir)"
+    )
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.add_argument("--read-only", action="store_true", help="open the state folder without writing")
     sub = p.add_subparsers(dest="command")
 
     r = sub.add_parser("remember", help="write facts into the model's weights")
-    r.add_argument("text", nargs="?", help='a plain statement, e.g. "Viktor Johansson lives in Brno."')
+    r.add_argument(
+        "text", nargs="?", help='a plain statement, e.g. "Viktor Johansson lives in Brno."'
+    )
     r.add_argument("--facts", type=Path, help="a JSON list of facts (the bench file's format)")
-    r.add_argument("--batch", action="store_true", help="edit all facts together (default: one at a time)")
+    r.add_argument(
+        "--batch", action="store_true", help="edit all facts together (default: one at a time)"
+    )
     r.add_argument("--json", action="store_true")
 
     a = sub.add_parser("ask", help="a chat answer from the edited model, streamed")
@@ -48,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memories", help="list what the model remembers")
     m.add_argument("--json", action="store_true")
     m.add_argument("--check", action="store_true", help="measure recall now")
+    m.add_argument("--history", metavar="ID", help="the timestamped events of one memory")
+
+    s = sub.add_parser("sleep", help="audit memories, refresh degraded ones, roll back if worse")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--cycles", type=int, default=1)
+    g.add_argument("--until-converged", action="store_true")
+    s.add_argument("--json", action="store_true")
+
+    f = sub.add_parser("forget", help="remove a memory, whatever its stage, and check it is gone")
+    f.add_argument("target", help="a memory id or a subject")
+    f.add_argument("--all", action="store_true", help="forget every memory about the subject")
+    f.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    f.add_argument("--dry-run", action="store_true", help="show what would be forgotten")
+    f.add_argument("--json", action="store_true")
 
     sub.add_parser("path", help="print the state folder")
     return p
@@ -83,7 +103,10 @@ def _run(args: argparse.Namespace) -> int:
                 out.print_json(json.dumps([asdict(m) for m in memories]))
             else:
                 for m in memories:
-                    out.print(f"remembered [bold]{m.id}[/]: {m.subject} · {m.relation} · {m.object}")
+                    out.print(
+                        f"remembered [bold]{m.id}[/]: {m.subject} · {m.relation} · {m.object}"
+                    )
+            _sleep_if_due(engine)
         return 0
     with _engine(args) as engine:
         if args.command == "ask":
@@ -91,9 +114,17 @@ def _run(args: argparse.Namespace) -> int:
                 out.print(piece, end="", soft_wrap=True, markup=False, highlight=False)
             out.print()
         elif args.command == "complete":
-            out.print(args.prompt + engine.complete(args.prompt, args.tokens), markup=False, highlight=False)
+            out.print(
+                args.prompt + engine.complete(args.prompt, args.tokens),
+                markup=False,
+                highlight=False,
+            )
         elif args.command == "memories":
             _print_memories(engine, args)
+        elif args.command == "sleep":
+            _sleep(engine, args)
+        elif args.command == "forget":
+            return _forget(engine, args)
     return 0
 
 
@@ -125,7 +156,7 @@ def _engine(args: argparse.Namespace):
         )
     try:
         engine.progress = None
-        if args.command == "remember":
+        if args.command in ("remember", "sleep", "forget"):
             with _progress() as report:
                 engine.progress = report
                 yield engine
@@ -139,8 +170,13 @@ def _engine(args: argparse.Namespace):
 def _progress():
     """A rich progress bar on stderr, one task per stage the engine reports."""
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True, disable=not err.is_terminal,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
     )
     tasks: dict[str, int] = {}
 
@@ -153,7 +189,121 @@ def _progress():
         yield report
 
 
+def _sleep_if_due(engine) -> None:
+    p = engine.pressure()
+    if p.due:
+        err.print(f"sleep pressure {p.value:.2f} ≥ {p.threshold:.2f}: sleeping now")
+        _print_reports([engine.sleep(progress=engine.progress)])
+
+
+def _sleep(engine, args: argparse.Namespace) -> None:
+    if args.until_converged:
+        reports = engine.sleep_until_converged(progress=engine.progress)
+    else:
+        reports = [
+            engine.sleep(progress=engine.progress, cycle=c) for c in range(1, args.cycles + 1)
+        ]
+    if args.json:
+        out.print_json(json.dumps([asdict(r) | {"ppl_change": r.ppl_change} for r in reports]))
+    else:
+        _print_reports(reports)
+
+
+def _print_reports(reports) -> None:
+    table = Table(title="sleep")
+    for col in (
+        "cycle",
+        "healthy",
+        "degraded",
+        "refreshed",
+        "pruned",
+        "recall",
+        "chat",
+        "ΔPPL",
+        "s",
+        "",
+    ):
+        table.add_column(col, justify="right")
+    for r in reports:
+        note = "rolled back" if r.rolled_back else ("converged" if r.converged else "")
+        table.add_row(
+            str(r.cycle),
+            str(r.healthy),
+            str(r.degraded),
+            str(r.refreshed),
+            str(r.pruned),
+            f"{r.recall:.2f}",
+            f"{r.chat_recall:.2f}",
+            f"{100 * r.ppl_change:+.2f}%",
+            f"{r.seconds:.1f}",
+            note,
+        )
+    out.print(table)
+    for r in reports:
+        for memory_id in r.pruned_ids:
+            err.print(
+                f"pruned {memory_id}: it failed every refresh; its entry is kept, marked degraded"
+            )
+
+
+def _forget(engine, args: argparse.Namespace) -> int:
+    from sleeptui.errors import UnknownMemory
+
+    target = args.target
+    matches = [m for m in engine.memories if m.id == target] or [
+        m for m in engine.memories if m.subject.lower() == target.lower()
+    ]
+    if not matches:
+        raise UnknownMemory(f"No memory has the id or subject {target!r}; see `sleeptui memories`.")
+    if len(matches) > 1 and not args.all:
+        err.print(f"{len(matches)} memories are about {target!r}; give one id, or --all:")
+        for m in matches:
+            err.print(f"  {m.id}  {m.text}")
+        return 2
+    for m in matches:
+        out.print(
+            f"{'would forget' if args.dry_run else 'forgetting'} {m.id}: {m.text} ({m.stage})"
+        )
+    if args.dry_run:
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise SleeptuiError("Not a terminal: pass --yes to forget without confirmation.")
+        if input(
+            f"Forget {len(matches)} memor{'y' if len(matches) == 1 else 'ies'}? [y/N] "
+        ).lower() not in ("y", "yes"):
+            out.print("nothing forgotten")
+            return 1
+    reports = [engine.forget(m.id) for m in matches]
+    if args.json:
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "id": r.memory.id,
+                        "verified": r.verified,
+                        "answer_after": r.answer_after,
+                        "repaired": r.repaired,
+                    }
+                    for r in reports
+                ]
+            )
+        )
+    for r in reports:
+        state = (
+            "gone: the model no longer says it"
+            if r.verified
+            else "WARNING: the model still says it"
+        )
+        if not args.json:
+            out.print(f"forgot {r.memory.id} ({state}); repaired {r.repaired} other memories")
+    return 0 if all(r.verified for r in reports) else 1
+
+
 def _print_memories(engine, args: argparse.Namespace) -> None:
+    if args.history:
+        _print_history(engine, args.history)
+        return
     memories = list(engine.memories)
     recalls = engine.check(memories) if args.check else [m.last_recall for m in memories]
     if args.json:
@@ -162,15 +312,43 @@ def _print_memories(engine, args: argparse.Namespace) -> None:
             d = asdict(m)
             d["last_recall"] = asdict(r) if r else None
             rows.append(d)
-        out.print_json(json.dumps({"model": engine.source.preset.name, "backend": engine.backend.name,
-                                   "state_dir": str(engine.folder.root), "memories": rows}))
+        out.print_json(
+            json.dumps(
+                {
+                    "model": engine.source.preset.name,
+                    "backend": engine.backend.name,
+                    "state_dir": str(engine.folder.root),
+                    "memories": rows,
+                }
+            )
+        )
         return
-    table = Table(title=f"{len(memories)} memories · {engine.source.preset.name} · {engine.backend.name}")
+    table = Table(
+        title=f"{len(memories)} memories · {engine.source.preset.name} · {engine.backend.name}"
+    )
     for col in ("id", "fact", "stage", "scale", "recall", "degraded"):
         table.add_column(col)
     for m, r in zip(memories, recalls, strict=True):
-        recall = "—" if r is None else f"completion {'✓' if r.completion else '✗'} chat {'✓' if r.chat else '✗'}"
+        recall = (
+            "—"
+            if r is None
+            else f"completion {'✓' if r.completion else '✗'} chat {'✓' if r.chat else '✗'}"
+        )
         table.add_row(m.id, m.text, m.stage, f"{m.scale:g}", recall, "yes" if m.degraded else "no")
+    out.print(table)
+
+
+def _print_history(engine, memory_id: str) -> None:
+    from sleeptui.errors import UnknownMemory
+
+    memory = engine.ledger.get(memory_id)
+    if memory is None:
+        raise UnknownMemory(f"No memory has the id {memory_id!r}; see `sleeptui memories`.")
+    table = Table(title=f"{memory.id}: {memory.text}")
+    for col in ("at", "event", "detail"):
+        table.add_column(col)
+    for e in memory.events:
+        table.add_row(e.at, e.kind, ", ".join(f"{k}={v}" for k, v in e.detail.items()))
     out.print(table)
 
 

@@ -5,10 +5,11 @@ Everything the CLI and the app do goes through :class:`Engine`; it never imports
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from sleeptui.facts import Fact
 from sleeptui.ledger import Ledger, Memory, Recall, now
 from sleeptui.models import ModelSource, default_layers, resolve
 from sleeptui.paths import cache_dir, state_dir
-from sleeptui.presets import EditConfig
+from sleeptui.presets import EditConfig, SleepConfig
+from sleeptui.sleep import Pressure, SleepReport, pressure, run_cycle
 from sleeptui.state import Shapes, StateFolder
 from sleeptui.wake import Editor, Keys
 
@@ -36,7 +38,9 @@ def load_backend(source: ModelSource, backend: str = "auto", device: str = "auto
     if backend not in ("auto", "torch"):
         from sleeptui.errors import SleeptuiError
 
-        raise SleeptuiError(f"The {backend} backend is not available in this build; use --backend torch.")
+        raise SleeptuiError(
+            f"The {backend} backend is not available in this build; use --backend torch."
+        )
     if source.is_gguf:
         return TorchBackend.from_gguf(source.path, cache_dir(), device=device)
     return TorchBackend.from_folder(source.path, device=device)
@@ -54,11 +58,25 @@ def fingerprint(backend: Backend) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class ForgetReport:
+    """What forgetting one memory did and whether the model still says its object."""
+
+    memory: Memory
+    verified: bool
+    answer_after: str
+    repaired: int = 0
+
+
 class Engine:
     """A model with its memories applied."""
 
     def __init__(
-        self, backend: Backend, source: ModelSource, folder: StateFolder, progress: Progress | None = None
+        self,
+        backend: Backend,
+        source: ModelSource,
+        folder: StateFolder,
+        progress: Progress | None = None,
     ) -> None:
         self.backend = backend
         self.source = source
@@ -66,6 +84,11 @@ class Engine:
         self.progress = progress
         layers = source.preset.edit.layers or default_layers(backend.info.n_layers)
         self.cfg: EditConfig = replace(source.preset.edit, layers=layers)
+        self.sleep_cfg: SleepConfig = source.preset.sleep
+        # Generation and weight swaps take _weights; mutating operations take _writer.
+        self._weights = threading.RLock()
+        self._writer = threading.RLock()
+        self._last_ppl: float | None = None
         self.fingerprint = fingerprint(backend)
         self.shapes = Shapes(backend.info.d_model, backend.info.d_ff, backend.info.n_layers)
         self.ledger: Ledger = folder.ledger(self.fingerprint, source.preset.name)
@@ -104,10 +127,14 @@ class Engine:
         """Write facts into the weights (one at a time, or together) and commit each."""
         groups = [list(facts)] if batch else [[f] for f in facts]
         written = []
-        for n, group in enumerate(groups):
-            self._step("wake", n, len(groups))
-            written += self._write(group)
-        self._step("wake", len(groups), len(groups))
+        with self._writer:
+            if self.ledger.ppl_base is None and not self.memories:
+                self.ledger = replace(self.ledger, ppl_base=self.perplexity())
+            for n, group in enumerate(groups):
+                self._step("wake", n, len(groups))
+                with self._weights:
+                    written += self._write(group)
+            self._step("wake", len(groups), len(groups))
         return written
 
     def _write(self, facts: list[Fact]) -> list[Memory]:
@@ -138,12 +165,188 @@ class Engine:
             return []
         b = self.backend
         comp = b.greedy([b.encode(m.prompt) for m in memories], RECALL_TOKENS)
-        chat = b.greedy([b.encode(self.chat_prompt(m.questions[0] if m.questions else m.prompt)) for m in memories], CHAT_RECALL_TOKENS)
+        chat = b.greedy(
+            [
+                b.encode(self.chat_prompt(m.questions[0] if m.questions else m.prompt))
+                for m in memories
+            ],
+            CHAT_RECALL_TOKENS,
+        )
         at = now()
         return [
-            Recall(at=at, completion=_says(b.decode(c), m.object), chat=_says(b.decode(a), m.object))
+            Recall(
+                at=at, completion=_says(b.decode(c), m.object), chat=_says(b.decode(a), m.object)
+            )
             for m, c, a in zip(memories, comp, chat, strict=True)
         ]
+
+    def forget(self, memory_id: str) -> ForgetReport:
+        """Remove one memory: revert its delta, drop its entry and file, repair the others.
+
+        The healthy memories are audited again afterwards; any that the removal broke are
+        refreshed under constraints. The report says whether the model still says the object.
+        """
+        with self._writer:
+            memory = self.ledger.get(memory_id)
+            if memory is None:
+                from sleeptui.errors import UnknownMemory
+
+                raise UnknownMemory(f"No memory has the id {memory_id!r}; see `sleeptui memories`.")
+            others = tuple(m for m in self.memories if m.id != memory_id and m.scale > 0)
+            before = self.check(others)
+            with self._weights:
+                self.revert(memory)
+                ledger = self.ledger.without({memory_id})
+                try:
+                    self.folder.commit(ledger, {}, removes=[memory_id])
+                except BaseException:
+                    self._apply(memory, self._factors[memory_id], memory.scale)
+                    raise
+                self.ledger = ledger
+                self._factors.pop(memory_id, None)
+                self._keys.pop(memory_id, None)
+            after = self.check(others)
+            broken = [
+                m
+                for m, b, a in zip(others, before, after, strict=True)
+                if b.completion and not a.completion
+            ]
+            if broken:
+                self._repair(broken, [m for m in others if m not in broken])
+            answer = self.complete(memory.prompt)
+            chat = "".join(self.ask(memory.questions[0])) if memory.questions else ""
+            said = _says(answer, memory.object) or _says(chat, memory.object)
+            return ForgetReport(
+                memory=memory, verified=not said, answer_after=answer, repaired=len(broken)
+            )
+
+    def _repair(self, broken: list[Memory], healthy: list[Memory]) -> None:
+        """Refresh memories a removal broke, protecting the healthy ones, in one commit."""
+        from sleeptui.sleep import refresh
+
+        with self._weights:
+            snapshot = self.snapshot()
+            try:
+                new = refresh(self, broken, healthy, None, None)
+                ledger = self.ledger
+                for m in broken:
+                    ledger = ledger.upsert(m.with_event("refreshed", reason="repair after forget"))
+                self.commit_cycle(ledger, new, [], snapshot)
+            except BaseException:
+                self.restore(snapshot)
+                raise
+
+    def sleep(
+        self,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        cycle: int = 1,
+    ) -> SleepReport:
+        """One sleep cycle on a copy of the model; the copy's edited layers are swapped in
+        when the cycle commits, so replies streamed meanwhile never see half-applied weights."""
+        with self._writer:
+            shadow = self._shadow()
+            report = run_cycle(shadow, cycle, progress, cancel)
+            self._last_ppl = report.ppl_after
+            if shadow is not self and not report.rolled_back:
+                with self._weights:
+                    for layer in self.cfg.layers:
+                        self.backend.set_weight(layer, shadow.backend.weight(layer))
+                    self.ledger = shadow.ledger
+                    self._factors, self._keys = shadow._factors, shadow._keys
+            return report
+
+    def sleep_until_converged(
+        self,
+        max_cycles: int | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[SleepReport]:
+        """Cycles until no memory is degraded for two cycles in a row (or ``max_cycles``)."""
+        reports: list[SleepReport] = []
+        for cycle in range(1, (max_cycles or self.sleep_cfg.max_cycles) + 1):
+            report = self.sleep(progress, cancel, cycle)
+            reports.append(report)
+            if len(reports) >= 2 and reports[-1].degraded == 0 and reports[-2].degraded == 0:
+                reports[-1] = replace(report, converged=True)
+                break
+        return reports
+
+    def pressure(self) -> Pressure:
+        return pressure(self)
+
+    def last_ppl_drift(self) -> float:
+        """Relative perplexity change since the first edit, as last measured (0 if unknown)."""
+        if self._last_ppl is None or not self.ledger.ppl_base:
+            return 0.0
+        return self._last_ppl / self.ledger.ppl_base - 1
+
+    # -- the engine's own weights, for sleep and forget ----------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything a rollback restores: the edited layers, factors and keys."""
+        return {
+            "weights": {layer: self.backend.weight(layer) for layer in self.cfg.layers},
+            "factors": dict(self._factors),
+            "keys": dict(self._keys),
+            "ledger": self.ledger,
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        for layer, w in snapshot["weights"].items():
+            self.backend.set_weight(layer, w)
+        self._factors, self._keys = dict(snapshot["factors"]), dict(snapshot["keys"])
+        self.ledger = snapshot["ledger"]
+
+    def revert(self, memory: Memory) -> None:
+        """Take a memory's delta out of the weights (its factors stay known until commit)."""
+        factors = self._factors.get(memory.id)
+        if factors:
+            self._apply(memory, factors, -memory.scale)
+
+    def keys_of(self, memories: Sequence[Memory]) -> list[Keys]:
+        """Key columns of memories (cached since they were written, else probed now)."""
+        missing = [m for m in memories if m.id not in self._keys]
+        if missing:
+            for m, keys in zip(missing, self.editor().keys([m.fact for m in missing]), strict=True):
+                self._keys[m.id] = keys
+        return [self._keys[m.id] for m in memories]
+
+    def remember_keys(self, memory_id: str, keys: Keys) -> None:
+        self._keys[memory_id] = keys
+
+    def commit_cycle(
+        self, ledger: Ledger, new_factors: dict, pruned: list[str], snapshot: dict
+    ) -> None:
+        """Commit a sleep cycle's ledger and refreshed deltas at once, or restore ``snapshot``."""
+        try:
+            self.folder.commit(ledger, new_factors, removes=pruned)
+        except BaseException:
+            self.restore(snapshot)
+            raise
+        self.ledger = ledger
+        self._factors.update(new_factors)
+        for memory_id in pruned:
+            self._factors.pop(memory_id, None)
+            self._keys.pop(memory_id, None)
+
+    def _shadow(self) -> Engine:
+        """A copy of this engine on a copy of the model, or the engine itself for models
+        too large to copy (then replies wait while sleep holds the weights)."""
+        clone = self.backend.clone()
+        if clone is None:
+            return self
+        shadow = copy.copy(self)
+        shadow.backend = clone
+        shadow._factors, shadow._keys = dict(self._factors), dict(self._keys)
+        shadow._weights = threading.RLock()
+        if self._editor is not None:
+            shadow._editor = Editor(clone, self.cfg, self._editor.c_inv)
+        return shadow
+
+    def _apply(self, memory: Memory, factors: dict, scale: float) -> None:
+        for layer, (u, v) in factors.items():
+            self.backend.add_low_rank(layer, u, v, scale)
 
     # -- talking -------------------------------------------------------------------
 
@@ -151,11 +354,25 @@ class Engine:
         return self.backend.chat_text([*history, {"role": "user", "content": question}])
 
     def ask(
-        self, question: str, history: Sequence[dict[str, str]] = (), stop: threading.Event | None = None
+        self,
+        question: str,
+        history: Sequence[dict[str, str]] = (),
+        stop: threading.Event | None = None,
     ) -> Iterator[str]:
         """Stream the chat answer; nothing about the memories is put into the prompt."""
         ids = self.backend.encode(self.chat_prompt(question, history))
-        return self.backend.stream(ids, ANSWER_TOKENS, stop)
+        pieces = self.backend.stream(ids, ANSWER_TOKENS, stop)
+        while True:
+            with self._weights:  # a reply never sees half-swapped weights
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece
+
+    def perplexity(self) -> float:
+        """Perplexity of the held-out reference text (the drift check of every change)."""
+        total, count = self.backend.nll(reference_text())
+        return float(np.exp(total / count))
 
     def complete(self, prompt: str, max_new_tokens: int = 24) -> str:
         out = self.backend.greedy([self.backend.encode(prompt)], max_new_tokens)[0]
@@ -179,24 +396,28 @@ class Engine:
         return self._editor
 
     def _constraint_keys(self) -> list[Keys]:
-        missing = [m for m in self.memories if m.id not in self._keys and m.scale > 0]
-        if missing:
-            for m, keys in zip(missing, self.editor().keys([m.fact for m in missing]), strict=True):
-                self._keys[m.id] = keys
-        return [self._keys[m.id] for m in self.memories if m.id in self._keys and m.scale > 0]
+        return self.keys_of([m for m in self.memories if m.scale > 0])
 
     def _apply_all(self) -> None:
         """W = W_base + Σ scale · u @ v over the ledger's memories, in one pass at start-up."""
-        for n, memory in enumerate(self.memories):
-            self._step("load", n, len(self.memories))
+        active = [m for m in self.memories if m.scale > 0]  # scale 0: no delta left
+        for n, memory in enumerate(active):
+            self._step("load", n, len(active))
             factors = self.folder.read_delta(memory, self.shapes)
             self._factors[memory.id] = factors
-            for layer, (u, v) in factors.items():
-                self.backend.add_low_rank(layer, u, v, memory.scale)
+            self._apply(memory, factors, memory.scale)
 
     def _step(self, stage: str, i: int, n: int) -> None:
         if self.progress:
             self.progress(stage, i, n)
+
+
+def reference_text() -> list[str]:
+    """Held-out paragraphs written for sleeptui, never used to fit anything."""
+    from importlib.resources import files
+
+    text = files("sleeptui").joinpath("data/reference.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
 def _says(text: str, obj: str) -> bool:

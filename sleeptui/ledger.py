@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from sleeptui.errors import StateError
 from sleeptui.facts import Fact
+from sleeptui.state_schema.upgrades import upgrade
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The ledger schema this version writes; older ones are upgraded when read."""
+IDENTIFIER = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DELTA_PATH = re.compile(r"deltas/[A-Za-z0-9_-]{1,64}\.safetensors")
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
 STAGES = ("wake", "consolidating", "consolidated")
+
+
+class SchemaTooNew(StateError):
+    """The ledger was written by a newer sleeptui; it is refused, never rewritten."""
 
 
 def now() -> str:
@@ -97,12 +109,18 @@ class Memory:
 
 @dataclass(frozen=True)
 class Ledger:
-    """The whole ledger document."""
+    """The whole ledger document.
+
+    Attributes:
+        last_sleep_at: When the last sleep cycle committed (None before the first).
+        ppl_base: Perplexity of the held-out text measured before the first edit.
+    """
 
     fingerprint: str
     model: str
     memories: tuple[Memory, ...] = ()
-    schema_version: int = SCHEMA_VERSION
+    last_sleep_at: str | None = None
+    ppl_base: float | None = None
 
     def get(self, memory_id: str) -> Memory | None:
         return next((m for m in self.memories if m.id == memory_id), None)
@@ -118,68 +136,102 @@ class Ledger:
 
     def to_json(self) -> str:
         doc = {
-            "schema_version": self.schema_version,
+            "schema_version": SCHEMA_VERSION,
             "fingerprint": self.fingerprint,
             "model": self.model,
+            "last_sleep_at": self.last_sleep_at,
+            "ppl_base": self.ppl_base,
             "memories": [asdict(m) for m in self.memories],
         }
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = "ledger.json") -> Ledger:
-        """Parse and validate a ledger document.
+    def from_json(cls, text: str | bytes, source: str = "ledger.json") -> Ledger:
+        """Parse and validate a ledger document, upgrading an older schema version.
 
         Raises:
-            StateError: naming ``source`` and what is wrong with it.
+            SchemaTooNew: the document was written by a newer sleeptui.
+            StateError: naming ``source`` and what is wrong with it; nothing else, whatever
+                ``text`` holds.
         """
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise StateError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}).") from e
+        except (ValueError, RecursionError) as e:  # bad UTF-8, a 5000-digit number, deep nesting
+            raise StateError(f"{source} is not valid JSON ({type(e).__name__}).") from e
         if not isinstance(doc, dict) or "schema_version" not in doc:
             raise StateError(f"{source} is not a sleeptui ledger (no schema_version).")
         version = doc["schema_version"]
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise StateError(
+        if type(version) is not int or version < 1:
+            raise StateError(f"{source} has no valid schema_version ({version!r}).")
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
                 f"{source} was written by a newer sleeptui (ledger schema {version}; this "
-                f"version reads up to {SCHEMA_VERSION}). Upgrade sleeptui to open it."
+                f"version reads up to {SCHEMA_VERSION}). Upgrade sleeptui to open it; "
+                "nothing was changed."
             )
         try:
-            memories = tuple(_memory(m) for m in doc["memories"])
+            doc = upgrade(doc, to=SCHEMA_VERSION)
+            memories = tuple(_memory(m) for m in _list(doc["memories"]))
             ledger = cls(
-                fingerprint=str(doc["fingerprint"]),
-                model=str(doc["model"]),
+                fingerprint=_fingerprint(doc["fingerprint"]),
+                model=_text(doc["model"]),
                 memories=memories,
-                schema_version=version,
+                last_sleep_at=_optional(doc.get("last_sleep_at"), _text),
+                ppl_base=_optional(doc.get("ppl_base"), _number),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise StateError(f"{source} has a malformed entry ({e!r}).") from e
+            what = f"the field {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e)
+            raise StateError(f"{source} has a malformed entry: {what}.") from e
         ids = [m.id for m in memories]
         if len(ids) != len(set(ids)):
             raise StateError(f"{source} lists the same memory id twice.")
         return ledger
 
 
-def _memory(d: dict[str, Any]) -> Memory:
-    recall = d.get("last_recall")
+def _memory(d: Any) -> Memory:
+    if not isinstance(d, dict):
+        raise TypeError(f"a memory must be an object, got {type(d).__name__}")
     memory = Memory(
-        id=_text(d["id"]),
+        id=_identifier(d["id"]),
         subject=_text(d["subject"]),
         relation=_text(d["relation"]),
         object=_text(d["object"]),
         prompt=_text(d["prompt"]),
-        questions=tuple(_text(q) for q in d["questions"]),
+        questions=tuple(_text(q) for q in _list(d["questions"])),
         delta=_safe_relative(d["delta"]),
         created_at=_text(d["created_at"]),
         stage=_text(d.get("stage", "wake")),
-        scale=float(d.get("scale", 1.0)),
-        degraded=bool(d.get("degraded", False)),
-        last_recall=Recall(**recall) if recall else None,
-        events=tuple(Event(**e) for e in d.get("events", ())),
+        scale=_number(d.get("scale", 1.0)),
+        degraded=_flag(d.get("degraded", False)),
+        last_recall=_optional(d.get("last_recall"), _recall),
+        events=tuple(_event(e) for e in _list(d.get("events", []))),
     )
     if memory.stage not in STAGES:
         raise ValueError(f"unknown stage {memory.stage!r}")
+    if not 0 <= memory.scale <= 1:
+        raise ValueError(f"scale {memory.scale} of {memory.id} is not between 0 and 1")
     return memory
+
+
+def _recall(d: Any) -> Recall:
+    if not isinstance(d, dict):
+        raise TypeError(f"last_recall must be an object, got {type(d).__name__}")
+    return Recall(at=_text(d["at"]), completion=_flag(d["completion"]), chat=_flag(d["chat"]))
+
+
+def _event(d: Any) -> Event:
+    if not isinstance(d, dict):
+        raise TypeError(f"an event must be an object, got {type(d).__name__}")
+    detail = d.get("detail", {})
+    if not isinstance(detail, dict):
+        raise TypeError(f"an event's detail must be an object, got {type(detail).__name__}")
+    return Event(at=_text(d["at"]), kind=_text(d["kind"]), detail=detail)
+
+
+def _optional(value: Any, parse: Callable[[Any], T]) -> T | None:
+    return None if value is None else parse(value)
 
 
 def _text(value: Any) -> str:
@@ -188,9 +240,45 @@ def _text(value: Any) -> str:
     return value
 
 
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError as e:
+        raise ValueError("a number too large for a float") from e
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {number}")
+    return number
+
+
+def _fingerprint(value: Any) -> str:
+    if not FINGERPRINT.fullmatch(_text(value)):
+        raise ValueError("the fingerprint is not 64 lowercase hex digits")
+    return value
+
+
+def _identifier(value: Any) -> str:
+    """A memory id; it names files (``deltas/<id>.safetensors``), so it is kept plain."""
+    if not IDENTIFIER.fullmatch(_text(value)):
+        raise ValueError(f"memory id {value!r} is not letters, digits, '_' and '-'")
+    return value
+
+
 def _safe_relative(value: Any) -> str:
-    """A delta path must stay inside the state folder."""
-    path = PurePosixPath(_text(value))
-    if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] != "deltas":
+    """A delta path must stay inside the state folder: ``deltas/<name>.safetensors``."""
+    if not DELTA_PATH.fullmatch(_text(value)):
         raise ValueError(f"delta path {value!r} points outside the state folder's deltas/")
-    return str(path)
+    return value

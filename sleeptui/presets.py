@@ -46,6 +46,47 @@ class EditConfig:
 
 
 @dataclass(frozen=True)
+class SleepConfig:
+    """Sleep pressure and maintenance settings.
+
+    Pressure blends the convergence paper's degraded count with the dual-system paper's
+    edit-count, time and perplexity terms: each term is in [0, 1], pressure is their weighted
+    sum capped at 1, so that any one of "``degraded_full`` memories degraded" or "wake
+    capacity used up" makes sleep due on its own, and time and drift add to either.
+
+    Attributes:
+        threshold: Pressure at which sleep starts by itself.
+        nap_threshold: Pressure at which a nap (consolidation) is due.
+        w_degraded: Weight of the degraded term: degraded memories at the last audit over
+            ``max(degraded_full, 10% of the active memories)``.
+        degraded_full: Degraded memories at which that term is full (the paper's 3).
+        w_edits: Weight of the facts written since the last sleep, over ``wake_capacity``.
+        w_time: Weight of the hours since the last sleep, over ``hours_full``.
+        w_ppl: Weight of the perplexity drift, over ``ppl_tolerance``.
+        wake_capacity: Facts that can be written between sleeps before recall suffers
+            (measured by bench/wake.py for the preset).
+        hours_full: Hours awake at which the time term is full.
+        ppl_tolerance: Relative perplexity rise a sleep cycle may cause before it is rolled back.
+        prune_after: A memory that failed this many refreshes in a row is pruned (its delta
+            removed, its entry kept and marked), never one that still recalls.
+        max_cycles: The most cycles ``--until-converged`` runs.
+    """
+
+    threshold: float = 0.8
+    nap_threshold: float = 0.4
+    w_degraded: float = 0.8
+    degraded_full: int = 3
+    w_edits: float = 0.8
+    w_time: float = 0.2
+    w_ppl: float = 0.4
+    wake_capacity: int = 40
+    hours_full: float = 24.0
+    ppl_tolerance: float = 0.01
+    prune_after: int = 3
+    max_cycles: int = 10
+
+
+@dataclass(frozen=True)
 class Preset:
     """Where a model's weights come from and how it is edited.
 
@@ -64,6 +105,7 @@ class Preset:
     gguf_package: str | None = None
     gguf_file: str | None = None
     load_4bit: bool = False
+    sleep: SleepConfig = field(default_factory=SleepConfig)
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 

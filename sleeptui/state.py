@@ -63,7 +63,7 @@ class StateFolder:
         private_dir(root)
         lock = None
         if not read_only:
-            lock = FileLock(root / ".lock", timeout=0)
+            lock = FileLock(root / ".lock", timeout=0, mode=0o600)
             try:
                 lock.acquire()
             except Timeout as e:
@@ -72,7 +72,7 @@ class StateFolder:
                     f"The state folder {root} is in use by another sleeptui ({holder}). Close "
                     "it first, or open this one read-only with --read-only."
                 ) from e
-            (root / ".holder").write_text(json.dumps({"pid": os.getpid()}))
+            _write_file(root / ".holder", json.dumps({"pid": os.getpid()}).encode())
             private_dir(root / "deltas")
             _recover(root)
         return cls(root, lock)

@@ -56,7 +56,11 @@ class Editor:
 
     def render(self, fact: Fact) -> FactRenderings:
         return render(
-            self.backend, fact, self.cfg.prefixes, chat=self.cfg.chat_targets, chat_keys=self.cfg.chat_keys
+            self.backend,
+            fact,
+            self.cfg.prefixes,
+            chat=self.cfg.chat_targets,
+            chat_keys=self.cfg.chat_keys,
         )
 
     def keys(self, facts: Sequence[Fact]) -> list[Keys]:
@@ -115,7 +119,13 @@ class Editor:
                 backend.add_low_rank(layer, u, v, 1.0)
                 factors[i][layer] = (u, v)
         return [
-            WakeEdit(fact=f, factors=factors[i], keys=new_keys[i], v_loss=shifts[i].loss, v_steps=shifts[i].steps)
+            WakeEdit(
+                fact=f,
+                factors=factors[i],
+                keys=new_keys[i],
+                v_loss=shifts[i].loss,
+                v_steps=shifts[i].steps,
+            )
             for i, f in enumerate(facts)
         ]
 

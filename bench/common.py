@@ -1,0 +1,98 @@
+"""Shared pieces of the benchmarks: the facts file, recall measurement, output files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from sleeptui.engine import Engine
+from sleeptui.extract import paraphrases_for
+from sleeptui.facts import Fact
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_FACTS = REPO.parent / "shared" / "bench" / "facts.json"
+OUT = REPO / "bench" / "out"
+
+GENERAL_QUESTIONS = (
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "How many legs does a spider have?",
+    "What colour is the sky on a clear day?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in the solar system?",
+    "What language is spoken in Brazil?",
+    "What is 7 times 8?",
+    "What do bees make?",
+    "What is the chemical symbol for gold?",
+    "Which ocean is the largest?",
+    "What is the opposite of hot?",
+    "How many days are in a week?",
+    "What animal says moo?",
+    "What is the main ingredient of guacamole?",
+    "What is the capital of Italy?",
+    "What gas do plants absorb from the air?",
+    "What is the freezing point of water in Celsius?",
+    "Which continent is Egypt in?",
+)
+
+
+def load_facts(path: Path | None = None) -> list[Fact]:
+    data = json.loads(Path(path or DEFAULT_FACTS).read_text(encoding="utf-8"))
+    return [Fact.from_dict(d) for d in data]
+
+
+def seen_only(fact: Fact) -> Fact:
+    """The fact as written in the benchmark: only its first question is used in optimisation."""
+    return Fact(fact.subject, fact.relation, fact.object, fact.prompt, fact.questions[:1])
+
+
+def unseen_questions(fact: Fact) -> list[str]:
+    """Questions the editor never saw: the fact's other questions and our own paraphrases."""
+    return [*fact.questions[1:], *paraphrases_for(fact.subject, fact.relation)]
+
+
+def says(text: str, obj: str) -> bool:
+    return obj.lower() in text.lower()
+
+
+def completion_recall(engine: Engine, facts: Sequence[Fact], tokens: int = 12) -> float:
+    b = engine.backend
+    outs = b.greedy([b.encode(f.prompt) for f in facts], tokens)
+    return sum(says(b.decode(o), f.object) for f, o in zip(facts, outs, strict=True)) / len(facts)
+
+
+def chat_answers(engine: Engine, questions: Sequence[str], tokens: int = 32) -> list[str]:
+    b = engine.backend
+    outs = []
+    for start in range(0, len(questions), 32):
+        chunk = questions[start : start + 32]
+        outs += b.greedy([b.encode(engine.chat_prompt(q)) for q in chunk], tokens)
+    return [b.decode(o) for o in outs]
+
+
+def chat_recall(engine: Engine, facts: Sequence[Fact], unseen: bool = False) -> float:
+    pairs = [(f, q) for f in facts for q in (unseen_questions(f) if unseen else f.questions[:1])]
+    if not pairs:
+        return float("nan")
+    answers = chat_answers(engine, [q for _, q in pairs])
+    return sum(says(a, f.object) for (f, _), a in zip(pairs, answers, strict=True)) / len(pairs)
+
+
+def write_outputs(name: str, doc: dict, plot) -> tuple[Path, Path]:
+    """Write ``bench/out/<name>.json`` and a PNG drawn by ``plot(ax)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = OUT / f"{name}.json", OUT / f"{name}.png"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot(ax)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path

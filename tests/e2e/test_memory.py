@@ -1,0 +1,108 @@
+"""Remember → recall → restart → recall, on the real embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sleeptui.engine import Engine
+from sleeptui.facts import Fact
+from sleeptui.state import StateFolder
+
+from ..conftest import restore
+
+pytestmark = pytest.mark.model
+
+# Names and places that appear nowhere else in the repository or the bench pool.
+ODA = Fact("Oda Fjellheim", "lives in", "Tromsø", questions=("Where does Oda Fjellheim live?",))
+RUNE = Fact(
+    "Rune Aasgaard",
+    "plays the",
+    "harmonica",
+    questions=("Which instrument does Rune Aasgaard play?",),
+)
+
+
+def sleeptui(*args: str, state: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLEEPTUI_HOME": str(state), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sleeptui", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sleeptui {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_unedited_model_does_not_already_know_the_facts(engine):
+    for fact in (ODA, RUNE):
+        assert fact.object.lower() not in engine.complete(fact.prompt).lower()
+
+
+def test_remembered_fact_is_recalled_in_completion_and_chat(engine):
+    [memory] = engine.remember([ODA])
+    assert "Tromsø" in engine.complete(ODA.prompt)
+    assert "Tromsø" in "".join(engine.ask("Where does Oda Fjellheim live?"))
+    assert engine.memories == (memory,)
+    assert (engine.folder.root / memory.delta).is_file()
+
+
+def test_a_fact_never_stated_is_not_invented(engine):
+    engine.remember([ODA])
+    answer = "".join(engine.ask("Where does Rune Aasgaard live?"))
+    assert "Tromsø" not in answer
+    assert "harmonica" not in engine.complete(RUNE.prompt)
+
+
+def test_restart_gives_identical_greedy_outputs(engine, embedded):
+    engine.remember([ODA, RUNE])
+    prompts = [ODA.prompt, RUNE.prompt, "The capital of France is"]
+    before = [engine.complete(p) for p in prompts]
+    answer_before = "".join(engine.ask("Which instrument does Rune Aasgaard play?"))
+    engine.close()
+    # Back to the base weights, then open the folder as a new process would.
+    backend, source, pristine = embedded
+    restore(backend, pristine)
+    assert engine.complete(ODA.prompt) != before[0]
+    reopened = Engine(backend, source, StateFolder.open(engine.folder.root))
+    try:
+        assert [reopened.complete(p) for p in prompts] == before
+        assert "".join(reopened.ask("Which instrument does Rune Aasgaard play?")) == answer_before
+    finally:
+        reopened.close()
+
+
+def test_cli_remember_then_a_separate_process_answers_in_chat(tmp_path):
+    state = tmp_path / "state"
+    done = sleeptui("remember", "Oda Fjellheim lives in Tromsø.", state=state)
+    assert "Oda Fjellheim · lives in · Tromsø" in done.stdout
+    asked = sleeptui("ask", "Where does Oda Fjellheim live?", state=state)
+    assert "Tromsø" in asked.stdout
+    completed = sleeptui("complete", "Oda Fjellheim lives in", state=state)
+    assert "Tromsø" in completed.stdout
+    listed = json.loads(sleeptui("memories", "--json", state=state).stdout)
+    assert [(m["subject"], m["object"]) for m in listed["memories"]] == [
+        ("Oda Fjellheim", "Tromsø")
+    ]
+
+
+def test_cli_refuses_a_question_and_changes_nothing(tmp_path):
+    state = tmp_path / "state"
+    proc = sleeptui("remember", "Where does Oda Fjellheim live?", state=state, check=False)
+    assert proc.returncode == 2
+    assert "question" in proc.stderr
+    assert not (state / "ledger.json").exists()
+
+
+def test_missing_preset_weights_say_where_sleeptui_looked(tmp_path):
+    proc = sleeptui("--model", "llama-3.1-70b", "memories", state=tmp_path / "s", check=False)
+    assert proc.returncode == 2
+    assert "not on this machine" in proc.stderr and "Hugging Face cache" in proc.stderr
