@@ -1,0 +1,485 @@
+"""The torch backend: transformers Llama-family models on CUDA or the CPU."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sleeptui.backends import ModelInfo, ShiftProblem, ShiftResult
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# Models up to this many bytes of weights are copied for sleep; larger ones sleep in place.
+CLONE_LIMIT = 4 * 2**30
+
+
+class TorchBackend:
+    """A loaded model and tokenizer; see :class:`sleeptui.backends.Backend`."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, source: str) -> None:
+        self.model = model.eval()
+        self.tok = tokenizer
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        cfg = model.config
+        self.info = ModelInfo(
+            arch=cfg.model_type,
+            n_layers=cfg.num_hidden_layers,
+            d_model=cfg.hidden_size,
+            d_ff=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            source=source,
+        )
+        self.eos_ids = _eos_ids(tokenizer, cfg)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_folder(cls, folder: Path, device: str = "auto") -> TorchBackend:
+        """Load a Hugging Face model folder (config.json + safetensors), never downloading."""
+        dev = _pick_device(device)
+        dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, device_map=dev if dev != "cpu" else None
+        )
+        _edit_layers_in_float32(model)
+        return cls(model, tok, str(folder))
+
+    @classmethod
+    def from_gguf(cls, path: Path, cache: Path, device: str = "auto") -> TorchBackend:
+        """Load a GGUF file, dequantised to float32 by transformers.
+
+        Dequantising takes tens of seconds, so the first load writes the result to ``cache``
+        as an ordinary safetensors model folder and later loads read that instead.
+        """
+        folder = cache / "models" / _file_key(path)
+        if not (folder / "config.json").exists():
+            _convert_gguf(path, folder)
+        return cls.from_folder(folder, device=device)
+
+    # -- text ------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def chat_text(self, messages: Sequence[dict[str, str]]) -> str:
+        return self.tok.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+
+    # -- generation ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def stream(
+        self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
+    ) -> Iterator[str]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        inp = torch.tensor([list(ids)], device=self._device)
+        out: list[int] = []
+        shown = ""
+        for _ in range(max_new_tokens):
+            if stop is not None and stop.is_set():
+                return
+            logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits
+            nxt = int(logits[0, -1].argmax())
+            if nxt in self.eos_ids:
+                break
+            out.append(nxt)
+            text = self.tok.decode(out, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                yield text[len(shown) :]
+                shown = text
+            inp = torch.tensor([[nxt]], device=self._device)
+
+    @torch.inference_mode()
+    def greedy(self, batch: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        ids, mask = _pad(batch, self.pad_id, left=True, device=self._device)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=list(self.eos_ids),
+        )
+        new = out[:, ids.shape[1] :].tolist()
+        return [_cut_at(row, self.eos_ids) for row in new]
+
+    @torch.inference_mode()
+    def sample(self, seeds: Sequence[str], max_new_tokens: int, seed: int) -> list[list[int]]:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        ids, mask = _pad([self.encode(s) for s in seeds], self.pad_id, left=True, device=self._device)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=self.pad_id,
+        )
+        width = ids.shape[1]
+        seed_lens = mask.sum(dim=1).tolist()
+        return [
+            _cut_at(row[width - n :], self.eos_ids) for row, n in zip(out.tolist(), seed_lens, strict=True)
+        ]
+
+    # -- probes ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def probe(
+        self,
+        batch: Sequence[Sequence[int]],
+        positions: Sequence[Sequence[int]],
+        key_layers: Sequence[int],
+        hidden_layer: int | None,
+    ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+        ids, mask = _pad(batch, self.pad_id, left=False, device=self._device)
+        rows = torch.tensor([i for i, ps in enumerate(positions) for _ in ps], device=self._device)
+        cols = torch.tensor([p for ps in positions for p in ps], device=self._device)
+        keys: dict[int, np.ndarray] = {}
+        hooks = []
+        for layer in key_layers:
+            def grab(_mod, args, layer=layer):
+                keys[layer] = args[0][rows, cols].float().cpu().numpy()
+            hooks.append(self._down_proj(layer).register_forward_pre_hook(grab))
+        try:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=hidden_layer is not None
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = None
+        if hidden_layer is not None:
+            hidden = out.hidden_states[hidden_layer + 1][rows, cols].float().cpu().numpy()
+        return keys, hidden
+
+    @torch.inference_mode()
+    def nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for text in texts:
+            ids = torch.tensor([self.encode(text)], device=self._device)
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+        return total, count
+
+    # -- v* (eq. 1) --------------------------------------------------------------
+
+    def optimise_shift(self, problem: ShiftProblem, cfg) -> ShiftResult:
+        """δ at the output of ``problem.layer`` on the subject's last token (eq. 1).
+
+        Each step reruns only what δ can change (see :class:`_ShiftPass`): the layers above
+        ``problem.layer``, over the tokens from each rendering's first subject position on,
+        with the vocabulary projection taken at the positions the loss reads.
+        """
+        run = _ShiftPass(self.model, problem)
+        delta = torch.zeros(self.info.d_model, device=run.device, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        kl_ref = None
+        loss_val, steps = float("inf"), 0
+        while steps < cfg.v_steps:
+            steps += 1
+            opt.zero_grad()
+            target_logp, kl_logp = run.log_probs(delta)  # (n_targets,), (n_kl × vocab)
+            nll = -(target_logp * run.weights).sum()
+            loss = nll
+            if problem.kl_renderings:
+                if kl_ref is None:  # δ = 0 at the first step: the original distribution
+                    kl_ref = kl_logp.detach()
+                kl = torch.nn.functional.kl_div(
+                    kl_ref, kl_logp, log_target=True, reduction="batchmean"
+                )
+                loss = loss + cfg.kl_factor * kl
+            loss = loss + cfg.weight_decay * (delta.norm() / run.h_norm) ** 2
+            loss_val = float(nll.detach())
+            if loss_val < cfg.v_loss_stop:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # keep δ within clamp_norm · ‖h‖
+                limit = cfg.clamp_norm * run.h_norm
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
+        return ShiftResult(delta=delta.detach().float().cpu().numpy(), loss=loss_val, steps=steps)
+
+    # -- weights -----------------------------------------------------------------
+
+    def weight(self, layer: int) -> np.ndarray:
+        return self._down_proj(layer).weight.detach().float().cpu().numpy()
+
+    @torch.no_grad()
+    def add_low_rank(self, layer: int, u: np.ndarray, v: np.ndarray, scale: float) -> None:
+        w = self._down_proj(layer).weight
+        tu = torch.as_tensor(u, dtype=torch.float32, device=w.device)
+        tv = torch.as_tensor(v, dtype=torch.float32, device=w.device)
+        w.add_((scale * (tu @ tv)).to(w.dtype))
+
+    @torch.no_grad()
+    def set_weight(self, layer: int, w: np.ndarray) -> None:
+        target = self._down_proj(layer).weight
+        target.copy_(torch.as_tensor(w, device=target.device).to(target.dtype))
+
+    def clone(self) -> TorchBackend | None:
+        """A deep copy for sleep to work on; None above ``CLONE_LIMIT`` bytes of weights."""
+        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if size > CLONE_LIMIT:
+            return None
+        import copy
+
+        twin = copy.copy(self)
+        twin.model = copy.deepcopy(self.model)
+        return twin
+
+    # -- internals ---------------------------------------------------------------
+
+    @property
+    def _device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    def _down_proj(self, layer: int) -> torch.nn.Module:
+        return self.model.model.layers[layer].mlp.down_proj
+
+
+class _ShiftPass:
+    """A v* problem laid out so that each step recomputes only what δ changes.
+
+    The renderings (targets, then KL prompts) share one row without padding: a
+    block-diagonal causal mask keeps them apart and positions restart at 0 for each. Built
+    once without grad:
+
+    * every token runs through the layers up to ``problem.layer``; their output at the
+      *live* tokens (from a rendering's first subject or read position on) is kept;
+    * the *frozen* tokens before those run on through the upper layers once, leaving their
+      keys and values in a :class:`_PrefixKV`: attention is causal, so δ cannot reach them.
+    """
+
+    def __init__(self, model: torch.nn.Module, problem: ShiftProblem) -> None:
+        if model.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError("v* packs renderings with a 4D mask: needs eager or sdpa attention")
+        inner = model.model
+        self.model = model
+        self.device = inner.embed_tokens.weight.device
+        self.upper = inner.layers[problem.layer + 1 : model.config.num_hidden_layers]
+        lay = _Layout.of(problem)
+        seq, pos, live = (torch.tensor(x, device=self.device) for x in (lay.seq, lay.pos, lay.live))
+        frozen = ~live
+        with torch.no_grad():
+            h = inner.embed_tokens(torch.tensor([lay.ids], device=self.device))  # (1, T, d)
+            h = _decoder(inner, inner.layers[: problem.layer + 1], h, (seq, pos), (seq, pos))
+            self.h_norm = h[0, lay.subject].float().norm(dim=-1).mean()
+            self.prefix = None
+            if frozen.any():
+                self.prefix = _PrefixKV()
+                kv = (seq[frozen], pos[frozen])
+                _decoder(inner, self.upper, h[:, frozen], kv, kv, self.prefix)
+                self.prefix.recording = False
+        self.h = h[:, live]  # (1, T_live, d) at the output of problem.layer
+        self.at_subject = torch.zeros(len(lay.ids), 1, dtype=h.dtype, device=self.device)
+        self.at_subject[lay.subject] = 1
+        self.at_subject = self.at_subject[live]  # (T_live, 1): 1 where δ is added
+        self.reads = (torch.cumsum(live, 0) - 1)[lay.reads]  # live indices
+        self.targets = torch.tensor(lay.targets, device=self.device)  # (n_targets,)
+        self.weights = torch.tensor(lay.weights, device=self.device)  # (n_targets,)
+        self.queries = (seq[live], pos[live])
+        self.keys = (torch.cat([seq[frozen], seq[live]]), torch.cat([pos[frozen], pos[live]]))
+
+    def log_probs(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With δ added at the subject positions: the targets' log-probabilities (n_targets,)
+        and the KL prompts' next-token log-distributions (n_kl × vocab), float32."""
+        h = self.h + self.at_subject * delta.to(self.h.dtype)  # (1, T_live, d)
+        h = _decoder(self.model.model, self.upper, h, self.queries, self.keys, self.prefix)
+        h = self.model.model.norm(h[0, self.reads])  # (n_reads, d)
+        logp = torch.log_softmax(self.model.lm_head(h).float(), dim=-1)  # (n_reads, vocab)
+        n = len(self.targets)
+        return logp[:n].gather(1, self.targets[:, None])[:, 0], logp[n:]
+
+
+class _PrefixKV:
+    """Stands in for a transformers ``Cache``: the frozen tokens' keys and values per layer.
+
+    While ``recording``, each layer's keys and values are kept as they pass. Afterwards they
+    are put in front of the live tokens' own and nothing is stored, so every step reuses them.
+    """
+
+    def __init__(self) -> None:
+        self.recording = True
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        """The keys and values (1 × kv_heads × T × head_dim) that the layer's queries attend to."""
+        if self.recording:
+            self.kv[layer_idx] = (keys, values)
+            return keys, values
+        old_keys, old_values = self.kv[layer_idx]
+        return torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
+
+
+@dataclass
+class _Layout:
+    """The renderings of a v* problem (targets, then KL prompts) packed into one row.
+
+    Per packed token: ``ids``, ``seq`` (which rendering), ``pos`` (position within it) and
+    ``live`` (at or after the rendering's first subject or read position). Packed indices of
+    the ``subject`` positions and of the ``reads``: each target position − 1, then each KL
+    prompt's last token. ``targets`` are the target token ids, ``weights`` their share of
+    the mean NLL (each rendering counts equally, whatever the length of its target).
+    """
+
+    ids: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    live: list[bool] = field(default_factory=list)
+    subject: list[int] = field(default_factory=list)
+    reads: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, problem: ShiftProblem) -> _Layout:
+        """Each rendering ends at its last subject or read position: later tokens are never read."""
+        lay = cls()
+        for s, r in enumerate(problem.renderings + problem.kl_renderings):
+            is_target = s < len(problem.renderings)
+            reads = [p - 1 for p in r.target_positions] if is_target else [len(r.ids) - 1]
+            marks = [*r.subject_positions, *reads]
+            if not marks:  # nothing to shift, nothing to read
+                continue
+            first, end = min(marks), max(marks) + 1
+            base = len(lay.ids)
+            lay.ids += r.ids[:end]
+            lay.seq += [s] * end
+            lay.pos += range(end)
+            lay.live += [p >= first for p in range(end)]
+            lay.subject += [base + p for p in r.subject_positions]
+            lay.reads += [base + p for p in reads]
+            if is_target:
+                lay.targets += [r.ids[p] for p in r.target_positions]
+                n = len(r.target_positions) * len(problem.renderings)
+                lay.weights += [1.0 / n] * len(r.target_positions)
+        return lay
+
+
+def _decoder(inner, layers, hidden, queries, keys, cache=None) -> torch.Tensor:
+    """Run decoder ``layers`` over packed ``hidden`` (1 × T × d) as ``LlamaModel.forward`` does.
+
+    ``queries`` and ``keys`` are (rendering, position) index pairs of the tokens in
+    ``hidden`` and of every token attended to (``cache``'s first, if given).
+    """
+    position_ids = queries[1][None]  # (1, T)
+    rope = inner.rotary_emb(hidden, position_ids)
+    mask = _block_causal_mask(queries, keys, hidden.dtype)
+    for layer in layers:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=rope,
+            past_key_values=cache,
+        )
+    return hidden
+
+
+def _block_causal_mask(queries, keys, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1 × 1 × T_q × T_k): a query sees the keys of its own rendering at or
+    before its position. Additive masks suit both eager and sdpa attention."""
+    (q_seq, q_pos), (k_seq, k_pos) = queries, keys
+    allowed = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _edit_layers_in_float32(model: torch.nn.Module) -> None:
+    """Edits are float32 deltas; keep every down_proj in float32 so they add exactly."""
+    for layer in model.model.layers:
+        layer.mlp.down_proj.to(torch.float32)
+        layer.mlp.down_proj.register_forward_pre_hook(_cast_input_to_weight)
+        layer.mlp.down_proj.register_forward_hook(_cast_output_back)
+
+
+def _cast_input_to_weight(mod, args):
+    x = args[0]
+    mod._sleeptui_in_dtype = x.dtype
+    return (x.to(mod.weight.dtype), *args[1:])
+
+
+def _cast_output_back(mod, _args, output):
+    return output.to(getattr(mod, "_sleeptui_in_dtype", output.dtype))
+
+
+def _eos_ids(tokenizer, cfg) -> frozenset[int]:
+    ids = set()
+    for value in (cfg.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)
+
+
+def _pad(batch: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        sl = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, sl] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cut_at(row: list[int], stops: frozenset[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i]
+    return row
+
+
+def _file_key(path: Path) -> str:
+    import hashlib
+
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _convert_gguf(path: Path, folder: Path) -> None:
+    """Dequantise a GGUF file into a safetensors model folder, written atomically."""
+    import shutil
+    import tempfile
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
+    try:
+        from safetensors.torch import save_model
+
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
