@@ -143,7 +143,7 @@ class Ledger:
             "ppl_base": self.ppl_base,
             "memories": [asdict(m) for m in self.memories],
         }
-        return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "ledger.json") -> Ledger:
@@ -155,11 +155,11 @@ class Ledger:
                 ``text`` holds.
         """
         try:
-            doc = json.loads(text)
+            doc = json.loads(text, parse_constant=_not_a_number)
         except json.JSONDecodeError as e:
             raise StateError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}).") from e
-        except (ValueError, RecursionError) as e:  # bad UTF-8, a 5000-digit number, deep nesting
-            raise StateError(f"{source} is not valid JSON ({type(e).__name__}).") from e
+        except (ValueError, RecursionError) as e:  # NaN, bad UTF-8, 5000 digits, deep nesting
+            raise StateError(f"{source} is not valid JSON ({e or type(e).__name__}).") from e
         if not isinstance(doc, dict) or "schema_version" not in doc:
             raise StateError(f"{source} is not a sleeptui ledger (no schema_version).")
         version = doc["schema_version"]
@@ -187,6 +187,9 @@ class Ledger:
         ids = [m.id for m in memories]
         if len(ids) != len(set(ids)):
             raise StateError(f"{source} lists the same memory id twice.")
+        deltas = [m.delta for m in memories]
+        if len(deltas) != len(set(deltas)):
+            raise StateError(f"{source} gives two memories the same delta file.")
         return ledger
 
 
@@ -228,6 +231,10 @@ def _event(d: Any) -> Event:
     if not isinstance(detail, dict):
         raise TypeError(f"an event's detail must be an object, got {type(detail).__name__}")
     return Event(at=_text(d["at"]), kind=_text(d["kind"]), detail=detail)
+
+
+def _not_a_number(name: str) -> None:
+    raise ValueError(f"{name} is not a number in JSON")
 
 
 def _optional(value: Any, parse: Callable[[Any], T]) -> T | None:

@@ -1,23 +1,34 @@
-"""The state folder: commits, recovery, bad input and the one-writer lock."""
+"""The state folder: commits, recovery, backups, bad input and the one-writer lock.
 
+Every test of bad input checks the message a user sees and that nothing was lost: the
+folder's files are as they were (or the damaged one is kept beside its repair), and every
+committed memory still reads.
+"""
+
+import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from sleeptui import journal
+from sleeptui.deltas import encode
 from sleeptui.errors import FingerprintMismatch, StateError, StateLocked
 from sleeptui.facts import Fact
-from sleeptui.ledger import SCHEMA_VERSION, Ledger, Memory
+from sleeptui.ledger import SCHEMA_VERSION, Ledger, Memory, SchemaTooNew
 from sleeptui.state import Shapes, StateFolder
 
 SHAPES = Shapes(d_model=8, d_ff=12, n_layers=4)
 FP = "f" * 64
+OTHER_FP = "0" * 64
 
 
 def _factors(seed=0):
@@ -29,9 +40,39 @@ def _commit_one(folder, fact=None, seed=0):
     fact = fact or Fact("Ada Lind", "lives in", "Oslo")
     ledger = folder.ledger(FP, "tiny")
     memory = Memory.new(fact)
-    ledger = ledger.upsert(memory)
-    folder.commit(ledger, {memory.id: _factors(seed)})
+    folder.commit(ledger.upsert(memory), {memory.id: _factors(seed)})
     return memory
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file of the folder and its bytes (the lock files aside)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (".lock", ".holder")
+    }
+
+
+def _assert_reads(root: Path, memories, read_only=True):
+    with StateFolder.open(root, read_only=read_only) as folder:
+        ledger = folder.ledger(FP, "tiny")
+        assert [m.id for m in ledger.memories] == [m.id for m in memories]
+        for n, m in enumerate(memories):
+            np.testing.assert_array_equal(folder.read_delta(ledger.get(m.id), SHAPES)[1][0], _factors(n)[1][0])
+        return folder.warnings
+
+
+@pytest.fixture
+def two_memories(tmp_path):
+    """A folder with two committed memories (seeds 0 and 1), closed."""
+    root = tmp_path / "s"
+    with StateFolder.open(root) as folder:
+        first = _commit_one(folder)
+        second = _commit_one(folder, Fact("Bo Strand", "plays the", "cello"), seed=1)
+    return root, [first, second]
+
+
+# -- commits and the journal ---------------------------------------------------------------
 
 
 def test_commit_round_trips_ledger_and_factors(tmp_path):
@@ -42,25 +83,31 @@ def test_commit_round_trips_ledger_and_factors(tmp_path):
         got = folder.read_delta(ledger.memories[0], SHAPES)
         np.testing.assert_array_equal(got[1][0], _factors()[1][0])
         assert not (tmp_path / "s" / ".txn").exists()
+        assert folder.warnings == []
 
 
-def test_folder_and_files_are_private(tmp_path):
-    with StateFolder.open(tmp_path / "s") as folder:
-        memory = _commit_one(folder)
-    root = tmp_path / "s"
-    assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    for path in (root / "ledger.json", root / memory.delta):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+def test_folder_and_files_are_private_backups_and_lock_included(two_memories):
+    root, _ = two_memories
+    (root / "ledger.json").write_text("{")
+    with StateFolder.open(root) as folder:  # also writes a ledger.json.corrupt-<time>
+        folder.ledger(FP, "tiny")
+        paths = list(root.rglob("*"))
+    assert {".lock", ".holder", "backups"} <= {p.name for p in paths}
+    assert any(p.name.startswith("ledger.json.corrupt-") for p in paths)
+    for path in [root, *paths]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), path
 
 
-def test_uncommitted_journal_is_discarded_on_open(tmp_path):
+def test_uncommitted_journal_is_discarded_on_open_and_says_so(tmp_path):
     with StateFolder.open(tmp_path / "s") as folder:
         memory = _commit_one(folder)
     txn = tmp_path / "s" / ".txn"
     txn.mkdir()
-    (txn / "ledger.json").write_text("{half written")
+    (txn / "00000.part").write_text("{half written")
     with StateFolder.open(tmp_path / "s") as folder:
         assert [m.id for m in folder.ledger(FP, "tiny").memories] == [memory.id]
+        assert any("before it was committed" in w for w in folder.warnings)
     assert not txn.exists()
 
 
@@ -82,23 +129,187 @@ def test_committed_journal_is_finished_on_open(tmp_path):
     (txn / "COMMIT").write_text(json.dumps({"moves": moves, "deletes": []}))
     with StateFolder.open(root) as folder:
         ids = [m.id for m in folder.ledger(FP, "tiny").memories]
+        assert any("after it was committed; it has been completed" in w for w in folder.warnings)
     assert ids == [first.id, second.id]
     assert (root / second.delta).exists()
 
 
-def test_corrupt_ledger_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("target", ["../outside", "/etc/passwd", ".txn/COMMIT", "deltas/../../x"])
+def test_a_journal_naming_a_path_outside_the_folder_is_refused(tmp_path, target):
     root = tmp_path / "s"
     with StateFolder.open(root) as folder:
-        _commit_one(folder)
-    (root / "ledger.json").write_text('{"schema_version": 1, "memor')
+        memory = _commit_one(folder)
+    before = _files(root)
+    (root / ".txn").mkdir()
+    (root / ".txn" / "COMMIT").write_text(json.dumps({"moves": {}, "deletes": [target]}))
+    with pytest.raises(StateError, match="is damaged .* left as it is"):
+        StateFolder.open(root)
+    shutil.rmtree(root / ".txn")
+    assert _files(root) == before
+    _assert_reads(root, [memory])
+
+
+def test_a_commit_that_fails_to_write_changes_nothing_and_says_why(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    with StateFolder.open(root) as folder:
+        first = _commit_one(folder)
+        before = _files(root)
+        real = journal.write_file
+        calls = iter(range(1000))
+
+        def fail_on_third(path, data):
+            if next(calls) == 2:
+                raise OSError(errno.EROFS, "Read-only file system")
+            real(path, data)
+
+        monkeypatch.setattr(journal, "write_file", fail_on_third)
+        with pytest.raises(StateError, match="read-only file system.*nothing was changed.*--read-only"):
+            _commit_one(folder, Fact("Bo Strand", "plays the", "cello"), seed=1)
+    assert _files(root) == before
+    _assert_reads(root, [first])
+
+
+def test_a_commit_whose_files_cannot_be_moved_yet_is_kept_and_completed_later(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    real = journal.apply
+
+    def interrupted(root):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with StateFolder.open(root) as folder:
+        monkeypatch.setattr(journal, "apply", interrupted)
+        memory = _commit_one(folder)  # past the commit point: it returns, and says so
+        assert any("could not yet be moved into place" in w for w in folder.warnings)
+        assert (root / ".txn" / "COMMIT").exists()
+        with pytest.raises(StateError, match="could not yet be moved into place; nothing more was written"):
+            _commit_one(folder, Fact("Bo Strand", "plays the", "cello"), seed=1)
+        monkeypatch.setattr(journal, "apply", real)
+        assert [m.id for m in folder.ledger(FP, "tiny").memories] == [memory.id]
+    _assert_reads(root, [memory])
+
+
+# -- backups ---------------------------------------------------------------------------------
+
+
+def test_each_commit_keeps_the_last_three_generations(tmp_path):
+    root = tmp_path / "s"
+    with StateFolder.open(root) as folder:
+        for n in range(5):
+            _commit_one(folder, Fact(f"Person {n}", "lives in", "Oslo"), seed=n)
+    names = sorted(p.name for p in (root / "backups").iterdir() if p.is_file())
+    assert names == [f"{kind}.{g}.json" for kind in ("ledger", "manifest") for g in (3, 4, 5)]
+    assert (root / "backups" / "ledger.5.json").read_bytes() == (root / "ledger.json").read_bytes()
+    # Generations 3..5 name memories 0..4; each delta is backed up once.
+    assert len(list((root / "backups" / "deltas").iterdir())) == 5
+
+
+def test_a_forgotten_memory_leaves_the_folder_backups_included(two_memories):
+    root, (first, second) = two_memories
+
+    def holding(text: str) -> list[str]:
+        return [name for name, data in _files(root).items() if text.encode() in data or text in name]
+
+    assert holding("Ada Lind") and holding(first.id)
+    with StateFolder.open(root) as folder:
+        ledger = folder.ledger(FP, "tiny")
+        folder.commit(ledger.without({first.id}), {}, removes=[first.id])  # forget
+        assert holding("Ada Lind") == [] and holding(first.id) == []
+        # Only the forget's own generation is left to fall back to; it grows back to three.
+        assert sorted(p.name for p in (root / "backups").glob("ledger.*")) == ["ledger.3.json"]
+        for n in range(3):
+            _commit_one(folder, Fact(f"Person {n}", "lives in", "Oslo"), seed=n)
+    assert sorted(p.name for p in (root / "backups").glob("ledger.*")) == [f"ledger.{g}.json" for g in (4, 5, 6)]
+    assert holding("Bo Strand")
+
+
+def test_a_pruned_memory_keeps_its_entry_but_not_its_delta(two_memories):
+    from dataclasses import replace
+
+    root, (first, second) = two_memories
+    with StateFolder.open(root) as folder:
+        ledger = folder.ledger(FP, "tiny")
+        pruned = replace(ledger.get(first.id), scale=0.0)
+        folder.commit(ledger.upsert(pruned), {}, removes=[first.id])
+        assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id, second.id]
+    assert not (root / first.delta).exists()
+    assert (root / second.delta).exists()
+
+
+def test_a_reader_keeps_reading_its_generation_while_a_writer_refreshes_a_delta(two_memories):
+    root, (first, _) = two_memories
+    reader = StateFolder.open(root, read_only=True)
+    old = reader.ledger(FP, "tiny")
+    with StateFolder.open(root) as writer:
+        writer.commit(writer.ledger(FP, "tiny"), {first.id: _factors(7)})  # a refresh
+    np.testing.assert_array_equal(reader.read_delta(old.get(first.id), SHAPES)[1][0], _factors(0)[1][0])
+
+
+# -- a damaged ledger --------------------------------------------------------------------------
+
+
+def test_truncated_ledger_falls_back_to_the_newest_backup_keeping_the_bad_file(two_memories):
+    root, memories = two_memories
+    good = (root / "ledger.json").read_bytes()
+    damaged = good[: len(good) // 2]
+    (root / "ledger.json").write_bytes(damaged)
+    warnings = _assert_reads(root, memories, read_only=False)
+    assert any(f"{root / 'ledger.json'} is not valid JSON" in w and "no committed change was lost" in w
+               for w in warnings)
+    [aside] = root.glob("ledger.json.corrupt-*")
+    assert aside.read_bytes() == damaged
+    assert any(aside.name in w for w in warnings)
+    assert (root / "ledger.json").read_bytes() == good
+    assert _assert_reads(root, memories, read_only=False) == []
+
+
+def test_damaged_ledger_opened_read_only_reads_the_backup_and_writes_nothing(two_memories):
+    root, memories = two_memories
+    (root / "ledger.json").write_text('{"schema_version": 2, "memor')
+    before = _files(root)
+    warnings = _assert_reads(root, memories)
+    assert any("ledger.json is not valid JSON" in w and "backups/ledger.2.json" in w for w in warnings)
+    assert _files(root) == before
+
+
+def test_missing_ledger_with_backups_is_restored_not_started_afresh(two_memories):
+    root, memories = two_memories
+    (root / "ledger.json").unlink()
+    warnings = _assert_reads(root, memories, read_only=False)
+    assert any("ledger.json is missing" in w for w in warnings)
+    assert (root / "ledger.json").exists()
+
+
+def test_when_the_newest_backup_is_damaged_too_an_older_one_is_used_and_the_loss_is_said(two_memories):
+    root, (first, second) = two_memories
+    (root / "ledger.json").write_text("garbage")
+    (root / "backups" / "ledger.2.json").write_text("garbage")
+    with StateFolder.open(root) as folder:
+        assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id]
+        np.testing.assert_array_equal(folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)[1][0],
+                                      _factors(0)[1][0])
+        assert any("backups/ledger.1.json" in w and "the 1 commit(s) after it are lost" in w
+                   for w in folder.warnings)
+    assert (root / second.delta).exists()  # its delta is not deleted: nothing more is lost
+
+
+def test_damaged_ledger_without_backups_is_a_clear_error_and_nothing_is_lost(two_memories):
+    root, _ = two_memories
+    shutil.rmtree(root / "backups")
+    (root / "ledger.json").write_text('{"schema_version": 2, "memor')
+    before = _files(root)
     with StateFolder.open(root) as folder, pytest.raises(StateError, match="ledger.json is not valid JSON"):
         folder.ledger(FP, "tiny")
+    assert _files(root) == before
 
 
-def test_ledger_from_a_newer_schema_is_refused():
-    doc = {"schema_version": SCHEMA_VERSION + 1, "fingerprint": FP, "model": "x", "memories": []}
-    with pytest.raises(StateError, match="newer sleeptui"):
-        Ledger.from_json(json.dumps(doc))
+def test_ledger_from_a_newer_schema_is_refused_not_replaced_by_a_backup(two_memories):
+    root, _ = two_memories
+    doc = json.loads((root / "ledger.json").read_text())
+    (root / "ledger.json").write_text(json.dumps({**doc, "schema_version": SCHEMA_VERSION + 1}))
+    before = _files(root)
+    with StateFolder.open(root) as folder, pytest.raises(SchemaTooNew, match="newer sleeptui .* Upgrade sleeptui"):
+        folder.ledger(FP, "tiny")
+    assert _files(root) == before
 
 
 def test_delta_path_outside_the_folder_is_refused():
@@ -112,15 +323,56 @@ def test_state_of_another_model_is_refused_by_name(tmp_path):
     with StateFolder.open(tmp_path / "s") as folder:
         _commit_one(folder)
         with pytest.raises(FingerprintMismatch, match="'tiny'"):
-            folder.ledger("0" * 64, "other-model")
+            folder.ledger(OTHER_FP, "other-model")
 
 
-def test_delta_with_unexpected_tensor_is_refused(tmp_path):
-    with StateFolder.open(tmp_path / "s") as folder:
-        memory = _commit_one(folder)
-        save_file({"lm_head.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "s" / memory.delta))
-        with pytest.raises(StateError, match="unexpected tensor 'lm_head.weight'"):
-            folder.read_delta(memory, SHAPES)
+# -- a damaged delta ---------------------------------------------------------------------------
+
+
+def _other_models_delta(memory):
+    return encode(_factors(5), memory.id, OTHER_FP, "smollm2-360m")
+
+
+def test_delta_of_another_model_is_refused_naming_that_model(two_memories):
+    root, (first, second) = two_memories
+    shutil.rmtree(root / "backups")  # no committed copy to fall back to
+    (root / first.delta).write_bytes(_other_models_delta(first))
+    before = _files(root)
+    with StateFolder.open(root) as folder:
+        ledger = folder.ledger(FP, "tiny")
+        with pytest.raises(FingerprintMismatch, match=f"{first.id}.safetensors belongs to another model "
+                                                       r"\('smollm2-360m', fingerprint 000000000000\)"):
+            folder.read_delta(ledger.get(first.id), SHAPES)
+        np.testing.assert_array_equal(folder.read_delta(ledger.get(second.id), SHAPES)[1][0], _factors(1)[1][0])
+    assert _files(root) == before
+
+
+def test_delta_of_another_model_is_replaced_by_the_committed_copy_and_kept_aside(two_memories):
+    root, memories = two_memories
+    foreign = _other_models_delta(memories[0])
+    (root / memories[0].delta).write_bytes(foreign)
+    warnings = _assert_reads(root, memories, read_only=False)
+    assert any("belongs to another model ('smollm2-360m'" in w and "restored from its committed copy" in w
+               for w in warnings)
+    [aside] = (root / "deltas").glob("*.corrupt-*")
+    assert aside.read_bytes() == foreign
+
+
+def test_delta_of_another_memory_is_refused(two_memories):
+    root, (first, second) = two_memories
+    shutil.rmtree(root / "backups")
+    shutil.copy(root / second.delta, root / first.delta)
+    with StateFolder.open(root) as folder, pytest.raises(StateError, match=f"delta of memory '{second.id}', not of {first.id}"):
+        folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)
+
+
+def test_delta_with_unexpected_tensor_is_refused(two_memories):
+    root, (first, _) = two_memories
+    shutil.rmtree(root / "backups")
+    save_file({"lm_head.weight": np.zeros((2, 2), np.float32)}, str(root / first.delta),
+              metadata={"format": "sleeptui-delta/1", "memory_id": first.id, "fingerprint": FP})
+    with StateFolder.open(root) as folder, pytest.raises(StateError, match="unexpected tensor 'lm_head.weight'"):
+        folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)
 
 
 def test_delta_with_wrong_shapes_is_refused(tmp_path):
@@ -130,13 +382,148 @@ def test_delta_with_wrong_shapes_is_refused(tmp_path):
             folder.read_delta(memory, Shapes(d_model=16, d_ff=12, n_layers=4))
 
 
-def test_truncated_delta_is_a_clear_error(tmp_path):
-    with StateFolder.open(tmp_path / "s") as folder:
+def test_delta_with_values_that_are_not_numbers_is_refused(two_memories):
+    root, (first, _) = two_memories
+    shutil.rmtree(root / "backups")
+    u, v = _factors()[1]
+    (root / first.delta).write_bytes(encode({1: (u * np.nan, v)}, first.id, FP, "tiny"))
+    with StateFolder.open(root) as folder, pytest.raises(StateError, match="not finite"):
+        folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)
+
+
+def test_truncated_delta_is_restored_from_its_backup_copy_keeping_the_bad_file(two_memories):
+    root, memories = two_memories
+    path = root / memories[0].delta
+    damaged = path.read_bytes()[:20]
+    path.write_bytes(damaged)
+    warnings = _assert_reads(root, memories, read_only=False)
+    assert any(f"{path} was not a readable safetensors file" in w for w in warnings)
+    [aside] = (root / "deltas").glob("*.corrupt-*")
+    assert aside.read_bytes() == damaged
+    assert _assert_reads(root, memories, read_only=False) == []
+
+
+def test_damaged_delta_read_only_reads_the_copy_and_writes_nothing(two_memories):
+    root, memories = two_memories
+    path = root / memories[1].delta
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")  # flipped data: still parses
+    before = _files(root)
+    warnings = _assert_reads(root, memories)
+    assert any(f"{path} is damaged (its checksum differs" in w for w in warnings)
+    assert _files(root) == before
+
+
+def test_truncated_delta_without_a_good_copy_is_a_clear_error_and_nothing_is_lost(two_memories):
+    root, (first, second) = two_memories
+    for copy in (root / "backups" / "deltas").glob(f"{first.id}.*"):
+        copy.write_bytes(b"also damaged")
+    (root / first.delta).write_bytes((root / first.delta).read_bytes()[:20])
+    before = _files(root)
+    with StateFolder.open(root) as folder:
+        ledger = folder.ledger(FP, "tiny")
+        with pytest.raises(StateError, match=f"delta of memory {first.id} .* missing or damaged too"):
+            folder.read_delta(ledger.get(first.id), SHAPES)
+        folder.read_delta(ledger.get(second.id), SHAPES)
+    assert _files(root) == before
+
+
+# -- file systems that refuse writes (need root to mount) -----------------------------------
+
+
+def _mount(*args):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system for this test needs root")
+    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here ({done.stderr.strip()})")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs, to fill up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(disk))
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """(a folder, a read-only bind mount of it)."""
+    source, view = tmp_path / "rw", tmp_path / "ro"
+    source.mkdir()
+    view.mkdir()
+    _mount("--bind", str(source), str(view))
+    try:
+        _mount("-o", "remount,bind,ro", str(view))
+        yield source, view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` with one file so that about ``leave`` bytes stay free."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+def test_a_full_disk_changes_nothing_whatever_step_it_stops(tiny_disk):
+    root = tiny_disk / "s"
+    with StateFolder.open(root) as folder:
+        first = _commit_one(folder)
+        u, v = _factors(1)[1]
+        big = {1: (np.tile(u, (1, 200)), np.tile(v, (200, 1)))}  # a 16 KiB delta: many pages
+        ledger = folder.ledger(FP, "tiny")
+        second = Memory.new(Fact("Bo Strand", "plays the", "cello"))
+        before = _files(root)
+        failures = 0
+        for leave in range(0, 80_000, 4096):
+            _fill(tiny_disk, leave)
+            try:
+                folder.commit(ledger.upsert(second), {second.id: big})
+            except StateError as e:
+                failures += 1
+                assert "is full (No space left on device); nothing was changed" in str(e)
+                assert _files(root) == before
+                assert not (root / ".txn").exists()
+                continue
+            finally:
+                (tiny_disk / "filler").unlink()
+            break
+        else:
+            pytest.fail("the commit never found room")
+        assert failures >= 3  # it failed at several steps of staging before it fit
+        assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id, second.id]
+        assert folder.read_delta(second, SHAPES)[1][0].shape == (8, 200)
+
+
+def test_a_read_only_file_system_is_refused_at_open_but_reads_with_read_only(read_only_view):
+    source, view = read_only_view
+    with StateFolder.open(source / "s") as folder:
         memory = _commit_one(folder)
-        path = tmp_path / "s" / memory.delta
-        path.write_bytes(path.read_bytes()[:20])
-        with pytest.raises(StateError, match=memory.id):
-            folder.read_delta(memory, SHAPES)
+    before = _files(source / "s")
+    with pytest.raises(StateError, match="is on a read-only file system.* Open it with --read-only"):
+        StateFolder.open(view / "s")
+    _assert_reads(view / "s", [memory])
+    assert _files(source / "s") == before
+
+
+def test_read_only_open_of_a_missing_folder_creates_nothing(tmp_path):
+    with StateFolder.open(tmp_path / "nothing", read_only=True) as folder:
+        assert folder.ledger(FP, "tiny").memories == ()
+    assert not (tmp_path / "nothing").exists()
+
+
+# -- one writer --------------------------------------------------------------------------------
 
 
 def test_second_process_is_told_who_holds_the_folder(tmp_path):
