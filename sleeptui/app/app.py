@@ -255,6 +255,8 @@ class SleeptuiApp(App[None]):
 
     @on(ChatPane.Replied)
     def _replied(self) -> None:
+        if not self.screen_stack:  # the reply ended as the app closed
+            return
         self.refresh_bindings()
         self.panel.table.refresh_ages(self.engine.memories if self.engine else ())
 
@@ -363,9 +365,7 @@ class SleeptuiApp(App[None]):
         return list(dict.fromkeys(m.subject for m in memories))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in self.CHAT_ACTIONS and (
-            self.engine is None or self.screen is not self.default_screen
-        ):
+        if action in self.CHAT_ACTIONS and (self.engine is None or len(self.screen_stack) != 1):
             return False
         if action == "stop_reply" and not self.chat.replying:
             return None  # shown, dimmed: there is nothing to stop

@@ -268,12 +268,12 @@ class ChatPane(VerticalScroll):
     async def _complete(self, reply: Reply, stopped: bool, error: str | None = None) -> None:
         if reply.view.done:
             return
-        await reply.view.finish(stopped=stopped, error=error)
         answer = reply.view.text.strip()
-        if error is None:
+        if error is None:  # recorded before any await, so the next question always sees it
             turn = [
                 {"role": "user", "content": reply.question},
                 {"role": "assistant", "content": answer},
             ]
             self.history = [*self.history, *turn][-2 * CONTEXT_TURNS :]
+        await reply.view.finish(stopped=stopped, error=error)
         self.post_message(self.Replied(reply.question, answer, stopped, error))

@@ -11,7 +11,8 @@ from sleeptui.app.screens import ConfirmScreen, ErrorScreen
 from sleeptui.errors import StateLocked
 from sleeptui.facts import Fact
 from tests.app.fake_engine import FakeEngine
-from tests.app.pilot import fake_app, has_note, ready, replies, send, wait_until
+from tests.app.pilot import fake_app, has_note, replies, send, wait_until
+from tests.app.pilot import ready as engine_ready
 
 SIZES = [(80, 24), (160, 48)]
 FACTS = [
@@ -20,6 +21,12 @@ FACTS = [
     Fact("Ingrid", "has a dog named", "Rex"),
 ]
 REPLY = "Oslo is the capital of **Norway**. It lies at the head of the Oslofjord."
+
+
+async def ready(pilot) -> None:
+    """The engine attached, and the prompt's cursor steady (a blinking one is a coin toss)."""
+    await engine_ready(pilot)
+    pilot.app.prompt.cursor_blink = False
 
 
 def engine() -> FakeEngine:
