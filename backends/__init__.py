@@ -114,7 +114,7 @@ class Backend(Protocol):
         ...
 
     def weight(self, layer: int) -> np.ndarray:
-        """The current float32 down_proj weight of ``layer`` (d_model × d_ff)."""
+        """A copy of the current float32 down_proj weight of ``layer`` (d_model × d_ff)."""
         ...
 
     def add_low_rank(self, layer: int, u: np.ndarray, v: np.ndarray, scale: float) -> None:

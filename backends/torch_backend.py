@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # Models up to this many bytes of weights are copied for sleep; larger ones sleep in place.
 CLONE_LIMIT = 4 * 2**30
+# Probes pack their rows into sequences of about this many tokens.
+PROBE_TOKENS = 512
 
 
 class TorchBackend:
@@ -146,26 +148,37 @@ class TorchBackend:
         key_layers: Sequence[int],
         hidden_layer: int | None,
     ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
-        ids, mask = _pad(batch, self.pad_id, left=False, device=self._device)
-        rows = torch.tensor([i for i, ps in enumerate(positions) for _ in ps], device=self._device)
-        cols = torch.tensor([p for ps in positions for p in ps], device=self._device)
-        keys: dict[int, np.ndarray] = {}
-        hooks = []
-        for layer in key_layers:
-            def grab(_mod, args, layer=layer):
-                keys[layer] = args[0][rows, cols].float().cpu().numpy()
-            hooks.append(self._down_proj(layer).register_forward_pre_hook(grab))
-        try:
-            out = self.model(
-                input_ids=ids, attention_mask=mask, output_hidden_states=hidden_layer is not None
-            )
-        finally:
-            for h in hooks:
-                h.remove()
-        hidden = None
-        if hidden_layer is not None:
-            hidden = out.hidden_states[hidden_layer + 1][rows, cols].float().cpu().numpy()
-        return keys, hidden
+        """Keys and hidden states at ``positions``, running only what they depend on.
+
+        A row is read only at its positions, so it is cut after the last one (attention is
+        causal); rows are packed into sequences of about ``PROBE_TOKENS`` tokens and only the
+        layers up to the deepest one read are run.
+        """
+        top = max([*key_layers, *([hidden_layer] if hidden_layer is not None else [])])
+        keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
+        hidden: list[torch.Tensor] = []
+        inner = self.model.model
+        for pack in _pack_rows(batch, positions, PROBE_TOKENS):
+            at = torch.tensor(pack.at, device=self._device)
+            hooks = []
+            for layer in key_layers:
+                def grab(_mod, args, layer=layer, at=at):
+                    keys[layer].append(args[0][0, at].float())
+                hooks.append(self._down_proj(layer).register_forward_pre_hook(grab))
+            idx = (torch.tensor(pack.seq, device=self._device), torch.tensor(pack.pos, device=self._device))
+            h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
+            try:
+                if hidden_layer is None:
+                    _decoder(inner, inner.layers[: top + 1], h, idx, idx)
+                else:
+                    h = _decoder(inner, inner.layers[: hidden_layer + 1], h, idx, idx)
+                    hidden.append(h[0, at].float())
+                    _decoder(inner, inner.layers[hidden_layer + 1 : top + 1], h, idx, idx)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        out = {layer: torch.cat(k).cpu().numpy() for layer, k in keys.items()}
+        return out, (torch.cat(hidden).cpu().numpy() if hidden_layer is not None else None)
 
     @torch.inference_mode()
     def nll(self, texts: Sequence[str]) -> tuple[float, int]:
@@ -219,7 +232,8 @@ class TorchBackend:
     # -- weights -----------------------------------------------------------------
 
     def weight(self, layer: int) -> np.ndarray:
-        return self._down_proj(layer).weight.detach().float().cpu().numpy()
+        """A copy of the layer's down_proj weight (never a view that later edits change)."""
+        return self._down_proj(layer).weight.detach().to("cpu", torch.float32, copy=True).numpy()
 
     @torch.no_grad()
     def add_low_rank(self, layer: int, u: np.ndarray, v: np.ndarray, scale: float) -> None:
@@ -371,6 +385,37 @@ class _Layout:
                 n = len(r.target_positions) * len(problem.renderings)
                 lay.weights += [1.0 / n] * len(r.target_positions)
         return lay
+
+
+@dataclass
+class _Pack:
+    """Rows cut after their last read position and laid end to end (see ``_decoder``)."""
+
+    ids: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    at: list[int] = field(default_factory=list)  # packed indices of the read positions
+
+
+def _pack_rows(
+    batch: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], budget: int
+) -> Iterator[_Pack]:
+    """Packs of whole rows, in order, each of about ``budget`` tokens (or one longer row)."""
+    pack = _Pack()
+    for row, ps in zip(batch, positions, strict=True):
+        if not ps:
+            continue
+        end = max(ps) + 1
+        if pack.ids and len(pack.ids) + end > budget:
+            yield pack
+            pack = _Pack()
+        base, s = len(pack.ids), (pack.seq[-1] + 1 if pack.seq else 0)
+        pack.ids += row[:end]
+        pack.seq += [s] * end
+        pack.pos += range(end)
+        pack.at += [base + p for p in ps]
+    if pack.ids:
+        yield pack
 
 
 def _decoder(inner, layers, hidden, queries, keys, cache=None) -> torch.Tensor:

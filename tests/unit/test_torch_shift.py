@@ -144,3 +144,49 @@ def _naive_h_norm(backend: TorchBackend, problem: ShiftProblem) -> torch.Tensor:
             hs = backend.model(input_ids=torch.tensor([r.ids]), output_hidden_states=True).hidden_states
             norms += [hs[problem.layer + 1][0, p].norm() for p in r.subject_positions]
     return torch.stack(norms).mean()
+
+
+@pytest.mark.parametrize("budget", [8, 512])
+def test_probe_matches_full_forward(budget: int, monkeypatch) -> None:
+    """Packed, truncated probes give the keys and hidden states of a plain forward."""
+    import sleeptui.backends.torch_backend as tb
+
+    monkeypatch.setattr(tb, "PROBE_TOKENS", budget)  # 8: every row its own pack
+    backend = _backend("sdpa")
+    g = torch.Generator().manual_seed(2)
+    rows = [tuple(torch.randint(10, 256, (n,), generator=g).tolist()) for n in (7, 12, 5)]
+    positions = [(3,), (2, 9), (4,)]
+    keys, hidden = backend.probe(rows, positions, [0, 2], 1)
+
+    got = {0: [], 2: []}
+    want_hidden = []
+    for row, ps in zip(rows, positions, strict=True):
+        seen = {}
+        hooks = [
+            backend._down_proj(layer).register_forward_pre_hook(
+                lambda _m, a, layer=layer, seen=seen: seen.__setitem__(layer, a[0][0])
+            )
+            for layer in (0, 2)
+        ]
+        with torch.no_grad():
+            out = backend.model(input_ids=torch.tensor([row]), output_hidden_states=True)
+        for h in hooks:
+            h.remove()
+        for layer in (0, 2):
+            got[layer] += [seen[layer][p] for p in ps]
+        want_hidden += [out.hidden_states[2][0, p] for p in ps]
+    for layer in (0, 2):
+        torch.testing.assert_close(torch.tensor(keys[layer]), torch.stack(got[layer]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(hidden), torch.stack(want_hidden), atol=1e-5, rtol=1e-4)
+
+
+def test_weight_is_a_copy_that_later_edits_leave_alone() -> None:
+    """Snapshots taken with ``weight`` (sleep's rollback) must not follow later edits."""
+    import numpy as np
+
+    backend = _backend("sdpa")
+    before = backend.weight(1)
+    backend.add_low_rank(1, np.ones((64, 1), np.float32), np.ones((1, 128), np.float32), 1.0)
+    assert not np.allclose(backend.weight(1), before)
+    backend.set_weight(1, before)
+    np.testing.assert_array_equal(backend.weight(1), before)
