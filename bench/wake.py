@@ -1,6 +1,7 @@
 """Wake capacity: inject facts one at a time, with and without null-space constraints.
 
-Prints, at N = 1, 5, 10, 20, 40, 80, 120: completion recall, chat recall on the questions
+Prints single-fact efficacy (each of --single facts written alone), then at N = 1, 5, 10,
+20, 40, 80, 120: completion recall, chat recall on the questions
 used in optimisation and on unseen paraphrases, perplexity change on held-out text, median
 seconds per fact and bytes per memory on disk; then specificity (unrelated answers kept).
 Writes bench/out/wake.json and bench/out/wake.png.
@@ -38,6 +39,29 @@ CHECKPOINTS = (1, 5, 10, 20, 40, 80, 120)
 console = Console()
 
 
+def run_single(args, facts) -> dict:
+    """Each fact written alone into the unedited model, checked, then forgotten."""
+    with tempfile.TemporaryDirectory() as state:
+        engine = Engine.open(model=args.model, state=state, backend=args.backend)
+        hits, chat, seconds = 0, 0, []
+        for fact in facts:
+            t = time.perf_counter()
+            (memory,) = engine.remember([seen_only(fact)])
+            seconds.append(time.perf_counter() - t)
+            hits += completion_recall(engine, [fact]) == 1.0
+            chat += chat_recall(engine, [fact]) == 1.0
+            engine.forget(memory.id)
+        engine.close()
+    row = {
+        "n": len(facts),
+        "completion": hits / len(facts),
+        "chat_seen": chat / len(facts),
+        "median_s_per_fact": statistics.median(seconds),
+    }
+    console.print(f"  single (each fact alone): {row}")
+    return {"rows": [row]}
+
+
 def run_mode(args, facts, constrained: bool, unrelated: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as state:
         engine = Engine.open(model=args.model, state=state, backend=args.backend)
@@ -61,22 +85,26 @@ def run_mode(args, facts, constrained: bool, unrelated: list[str]) -> dict:
                         "ppl_change_pct": 100 * (engine.perplexity() / ppl0 - 1),
                         "median_s_per_fact": statistics.median(seconds),
                         "bytes_per_memory": sum(p.stat().st_size for p in deltas) / len(deltas),
+                        "specificity": _unchanged(before, chat_answers(engine, unrelated, tokens=10)),
                     }
                 )
                 console.print(
                     f"  {'constrained' if constrained else 'unconstrained'} N={i}: {rows[-1]}"
                 )
-        after = chat_answers(engine, unrelated, tokens=10)
-        specificity = sum(a == b for a, b in zip(before, after, strict=True)) / len(unrelated)
         engine.close()
-    return {"rows": rows, "specificity": specificity, "ppl_base": ppl0}
+    return {"rows": rows, "ppl_base": ppl0}
+
+
+def _unchanged(before: list[str], after: list[str]) -> float:
+    return sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--facts", type=Path)
     p.add_argument("--n", type=int, default=120)
-    p.add_argument("--modes", default="constrained,unconstrained")
+    p.add_argument("--modes", default="single,constrained,unconstrained")
+    p.add_argument("--single", type=int, default=40, help="facts edited alone in single mode")
     p.add_argument("--model")
     p.add_argument("--backend", default="auto")
     args = p.parse_args()
@@ -98,8 +126,12 @@ def main() -> None:
     )
 
     results = {"baseline": baseline, "n_unrelated": len(unrelated)}
-    for mode in args.modes.split(","):
-        results[mode] = run_mode(args, facts, mode == "constrained", unrelated)
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode == "single":
+            results[mode] = run_single(args, pool[: args.single])
+        else:
+            results[mode] = run_mode(args, facts, mode == "constrained", unrelated)
 
     table = Table(title="wake: one fact at a time")
     for col in (
@@ -111,28 +143,33 @@ def main() -> None:
         "ΔPPL %",
         "s/fact (median)",
         "bytes/memory",
+        "unchanged",
     ):
         table.add_column(col, justify="right")
-    for mode in args.modes.split(","):
+    def cell(r: dict, key: str, fmt: str) -> str:
+        return format(r[key], fmt) if key in r else "–"
+
+    for mode in modes:
         for r in results[mode]["rows"]:
             table.add_row(
                 mode,
                 str(r["n"]),
-                f"{r['completion']:.2f}",
-                f"{r['chat_seen']:.2f}",
-                f"{r['chat_unseen']:.2f}",
-                f"{r['ppl_change_pct']:+.2f}",
-                f"{r['median_s_per_fact']:.2f}",
-                f"{r['bytes_per_memory']:.0f}",
+                cell(r, "completion", ".2f"),
+                cell(r, "chat_seen", ".2f"),
+                cell(r, "chat_unseen", ".2f"),
+                cell(r, "ppl_change_pct", "+.2f"),
+                cell(r, "median_s_per_fact", ".2f"),
+                cell(r, "bytes_per_memory", ".0f"),
+                cell(r, "specificity", ".2f"),
             )
     console.print(table)
-    for mode in args.modes.split(","):
-        console.print(
-            f"specificity ({mode}): {results[mode]['specificity']:.3f} of {len(unrelated)} unrelated answers unchanged"
-        )
+    console.print(
+        f"unchanged: fraction of {len(unrelated)} unrelated chat answers (first 10 tokens) "
+        "identical to the unedited model's"
+    )
 
     def plot(ax):
-        for mode in args.modes.split(","):
+        for mode in [m for m in modes if m != "single"]:
             rows = results[mode]["rows"]
             ax.plot(
                 [r["n"] for r in rows],

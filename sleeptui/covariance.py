@@ -1,8 +1,11 @@
 """The covariance Ĉ of down_proj inputs (eq. 2), from text the model itself samples.
 
 No data set can be downloaded at run time, so the reference corpus is sampled from the
-model with a fixed seed, continuing short openers of many registers. The result is cached
-per model fingerprint and layer set, so no start recomputes it.
+model with a fixed seed: plain text continuing short openers of many registers, and chat
+turns (the model's chat template, a user request, the model's answer), since chat is where
+the edited model is used. Keys that are common in chat contexts then count as common, and
+an edit leaves them alone. The result is cached per model fingerprint and layer set, so no
+start recomputes it.
 """
 
 from __future__ import annotations
@@ -49,14 +52,51 @@ OPENERS = (
     "Water is",
     "The main reason",
 )
+# User turns of the chat samples: requests of many kinds, none about a particular person.
+REQUESTS = (
+    "Tell me something interesting about the ocean.",
+    "How do I make a good cup of coffee?",
+    "Write a short poem about autumn.",
+    "What should I pack for a weekend trip?",
+    "Explain how a bicycle works.",
+    "Can you help me plan a birthday party?",
+    "What is the difference between weather and climate?",
+    "Give me three tips for learning a new language.",
+    "Summarise the plot of a famous fairy tale.",
+    "Why do cats purr?",
+    "How can I sleep better at night?",
+    "Describe a busy market in the morning.",
+    "What are some healthy breakfast ideas?",
+    "Write an email asking a colleague for a meeting.",
+    "How does a computer store information?",
+    "What is your favourite season and why?",
+    "Hello! How are you today?",
+    "Tell me a joke.",
+    "Who was a famous scientist, and what did they discover?",
+    "What jobs do people do in a hospital?",
+    "Recommend a hobby I can start this week.",
+    "How do plants grow?",
+    "What is a good name for a pet dog?",
+    "Which musical instrument is easiest to learn?",
+    "Where would you like to travel, and why?",
+    "Explain what a neighbourhood is to a child.",
+    "How do I fix a flat tyre?",
+    "What happens at a wedding?",
+    "Write two sentences about a rainy city.",
+    "What do teachers do every day?",
+    "How far is the moon?",
+    "Thanks for your help!",
+)
 SEED = 1234
+# Bump when the recipe changes, so that caches of the old recipe are not reused.
+RECIPE = 2
 CHUNK_ROWS = 8
 
 Progress = Callable[[int, int], None]
 
 
 def covariance_path(cache: Path, fingerprint: str, layers: Sequence[int], n_tokens: int) -> Path:
-    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-T{n_tokens}.safetensors"
+    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-T{n_tokens}-r{RECIPE}.safetensors"
     return cache / "covariance" / name
 
 
@@ -84,11 +124,13 @@ def load_or_compute(
 def compute(
     backend: Backend, layers: Sequence[int], n_tokens: int, progress: Progress | None = None
 ) -> dict[int, np.ndarray]:
-    """Ĉ = (1/M) Σ k kᵀ over ``n_tokens`` sampled token positions (eq. 2)."""
-    per_row = max(16, n_tokens // len(OPENERS))
+    """Ĉ = (1/M) Σ k kᵀ over about ``n_tokens`` sampled token positions (eq. 2)."""
+    chats = tuple(backend.chat_text([{"role": "user", "content": r}]) for r in REQUESTS)
+    seeds = OPENERS + chats
+    per_row = max(16, n_tokens // len(seeds))
     if progress:
-        progress(0, 2 * len(OPENERS))
-    rows = backend.sample(OPENERS, per_row, seed=SEED)  # one batch: fewest sequential steps
+        progress(0, 2 * len(seeds))
+    rows = backend.sample(seeds, per_row, seed=SEED)  # one batch: fewest sequential steps
     d = backend.info.d_ff
     sums = {layer: np.zeros((d, d)) for layer in layers}
     count = 0
@@ -101,5 +143,5 @@ def compute(
             sums[layer] += k.T @ k
         count += sum(len(r) for r in chunk)
         if progress:
-            progress(len(OPENERS) + start + len(chunk), 2 * len(OPENERS))
+            progress(len(seeds) + start + len(chunk), 2 * len(seeds))
     return {layer: s / count for layer, s in sums.items()}

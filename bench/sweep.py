@@ -1,0 +1,86 @@
+"""Hyperparameter sweep: write N facts one at a time under each setting, on one loaded model.
+
+Each setting is a JSON object of EditConfig overrides; the weights go back to the unedited
+model between settings. Prints one JSON line per setting: completion and chat recall of the N
+facts, unseen-paraphrase recall, perplexity change, the fraction of 40 unrelated chat answers
+(first 10 tokens) left unchanged, and the median seconds per fact.
+
+    python bench/sweep.py 20 '{}' '{"lam": 1000}' '{"clamp_norm": 0.75, "lam": 1e4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    GENERAL_QUESTIONS,
+    chat_answers,
+    chat_recall,
+    completion_recall,
+    load_facts,
+    seen_only,
+)
+
+from sleeptui.engine import Engine, load_backend  # noqa: E402
+from sleeptui.models import resolve  # noqa: E402
+from sleeptui.state import StateFolder  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("n", type=int)
+    p.add_argument("settings", nargs="+", help="JSON objects of EditConfig overrides")
+    p.add_argument("--facts", type=Path)
+    p.add_argument("--model")
+    args = p.parse_args()
+    source = resolve(args.model)
+    backend = load_backend(source)
+    pool = load_facts(args.facts)
+    facts = pool[: args.n]
+    if args.n > 200:
+        p.error("N is at most 200: facts 200–219 of the pool are the unrelated people")
+    unrelated = [f.questions[0] for f in pool[200:220]] + list(GENERAL_QUESTIONS)
+    pristine = before = ppl0 = None
+    for text in args.settings:
+        changes = json.loads(text)
+        with tempfile.TemporaryDirectory() as state:
+            folder = StateFolder.open(state)
+            engine = Engine(backend, source, folder)
+            if pristine is None:
+                pristine = {layer: backend.weight(layer) for layer in engine.cfg.layers}
+                before = chat_answers(engine, unrelated, tokens=10)
+                ppl0 = engine.perplexity()
+            engine.cfg = replace(engine.cfg, **changes)
+            seconds = []
+            for fact in facts:
+                t = time.perf_counter()
+                engine.remember([seen_only(fact)])
+                seconds.append(time.perf_counter() - t)
+            after = chat_answers(engine, unrelated, tokens=10)
+            row = {
+                "settings": changes,
+                "n": len(facts),
+                "completion": completion_recall(engine, facts),
+                "chat_seen": chat_recall(engine, facts),
+                "chat_unseen": round(chat_recall(engine, facts, unseen=True), 3),
+                "ppl_change_pct": round(100 * (engine.perplexity() / ppl0 - 1), 2),
+                "unchanged": sum(a == b for a, b in zip(before, after, strict=True)) / len(before),
+                "median_s_per_fact": round(statistics.median(seconds), 2),
+            }
+            print(json.dumps(row), flush=True)
+            folder.close()
+        for layer, w in pristine.items():
+            backend.set_weight(layer, w)
+
+
+if __name__ == "__main__":
+    main()
