@@ -32,18 +32,44 @@ CHAT_RECALL_TOKENS = 32
 
 
 def load_backend(source: ModelSource, backend: str = "auto", device: str = "auto") -> Backend:
-    """Load the weights with the chosen backend (``auto``: torch here; MLX on Apple silicon)."""
-    from sleeptui.backends.torch_backend import TorchBackend
+    """Load the weights with the chosen backend (``auto``: MLX on Apple silicon, else torch)."""
+    if backend == "auto":
+        backend = "mlx" if _apple_silicon() and _has("mlx_lm") else "torch"
+    if backend == "mlx":
+        if not _has("mlx_lm"):
+            from sleeptui.errors import SleeptuiError
 
-    if backend not in ("auto", "torch"):
+            raise SleeptuiError(
+                "The MLX backend needs mlx-lm: pip install 'sleeptui[mlx]' (on Linux it uses "
+                "mlx's CPU build), or use --backend torch."
+            )
+        from sleeptui.backends.mlx_backend import MLXBackend
+
+        if source.is_gguf:
+            return MLXBackend.from_gguf(source.path, cache_dir())
+        return MLXBackend.from_folder(source.path)
+    if backend != "torch":
         from sleeptui.errors import SleeptuiError
 
-        raise SleeptuiError(
-            f"The {backend} backend is not available in this build; use --backend torch."
-        )
+        raise SleeptuiError(f"Unknown backend {backend!r}: choose auto, torch or mlx.")
+    from sleeptui.backends.torch_backend import TorchBackend
+
     if source.is_gguf:
         return TorchBackend.from_gguf(source.path, cache_dir(), device=device)
     return TorchBackend.from_folder(source.path, device=device)
+
+
+def _apple_silicon() -> bool:
+    import platform
+    import sys
+
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def fingerprint(backend: Backend) -> str:
