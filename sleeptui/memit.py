@@ -42,6 +42,17 @@ def solve_update(keys: np.ndarray, c_inv: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.solve(gram, c_inv_k.T)
 
 
+def with_held_keys(new: np.ndarray, held: np.ndarray, lam: float, lam_hold: float) -> np.ndarray:
+    """K of eq. 5: the new facts' key columns, then the held ones (both d_in × ·).
+
+    Eq. 3 regularises every column of K alike, so the λ that keeps a new edit small also lets
+    the held keys drift. Scaling the held columns by √(λ / lam_hold) weighs their zero
+    residual as if it were solved with ``lam_hold`` instead: min ‖ΔW K_new − R‖² +
+    (λ / lam_hold)‖ΔW K_held‖² + λ tr(ΔW Ĉ ΔWᵀ).
+    """
+    return np.concatenate([new, np.sqrt(lam / lam_hold) * held], axis=1)
+
+
 def direct_update(keys: np.ndarray, residual: np.ndarray, c: np.ndarray, lam: float) -> np.ndarray:
     """Eq. 3 solved in d_in × d_in space; the reference the Woodbury form is tested against."""
     k = np.asarray(keys, dtype=np.float64)

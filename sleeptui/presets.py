@@ -23,6 +23,9 @@ class EditConfig:
         chat_keys: The chat turns' keys form a second key column per memory.
         constrain_wake: Wake edits hold other memories' keys at zero residual (eq. 5).
         cov_tokens: Token vectors sampled for the covariance C (a few times d_in suffice).
+        lam_hold: The regularisation the held keys of eq. 5 see. Their columns of K are scaled
+            by √(λ / lam_hold), so that a λ large enough to keep the new facts' edit small
+            does not also loosen the hold on the old ones (equal to λ: the papers' eq. 5).
     """
 
     layers: tuple[int, ...]
@@ -38,6 +41,7 @@ class EditConfig:
     chat_targets: bool = True
     chat_keys: bool = True
     cov_tokens: int = 8192
+    lam_hold: float = 0.1
 
     @property
     def v_layer(self) -> int:

@@ -108,9 +108,10 @@ class Editor:
             cols = [_columns(keys[layer], labels, i) for i in range(len(facts))]
             for i, c in enumerate(cols):
                 new_keys[i][layer] = c
-            k_new = np.concatenate(cols)
+            k_new = np.concatenate(cols)  # (n_new × d_in)
             k_old = [c[layer] for c in constraints]
-            k_all = np.concatenate([k_new, *k_old]) if k_old else k_new  # (N × d_in)
+            k_held = np.concatenate(k_old) if k_old else np.zeros((0, k_new.shape[1]))
+            k_all = memit.with_held_keys(k_new.T, k_held.T, cfg.lam, cfg.lam_hold).T  # (N × d_in)
             owner = tuple(i for i, c in enumerate(cols) for _ in range(len(c)))
             owner += (-1,) * (len(k_all) - len(owner))
             m = memit.solve_update(k_all.T, self.c_inv[layer], cfg.lam)

@@ -72,3 +72,21 @@ def test_residual_is_spread_over_the_remaining_layers():
         remaining = remaining - share
     assert shares == [3.0, 3.0, 3.0, 3.0]
     assert remaining[0] == pytest.approx(0.0)
+
+
+def test_held_keys_stay_put_under_a_large_lambda(rng):
+    """λ shrinks the new edit; the held keys' zero residual must not loosen with it."""
+    c_inv = memit.inverse_covariance(_covariance(rng))
+    new = rng.normal(size=(D_IN, 2))
+    held = rng.normal(size=(D_IN, 6))
+    residual = np.concatenate([rng.normal(size=(D_OUT, 2)), np.zeros((D_OUT, 6))], axis=1)
+    lam = 50.0  # comparable to kᵀĈ⁻¹k here: the new edit reaches only part of its target
+
+    def disturbance(lam_hold: float) -> float:
+        keys = memit.with_held_keys(new, held, lam, lam_hold)
+        delta_w = residual @ memit.solve_update(keys, c_inv, lam)
+        return np.abs(delta_w @ held).max() / np.abs(delta_w @ new).max()
+
+    loose, firm = disturbance(lam_hold=lam), disturbance(lam_hold=1e-6)
+    assert firm < 1e-4
+    assert loose > 100 * firm
