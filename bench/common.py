@@ -80,6 +80,11 @@ def chat_recall(engine: Engine, facts: Sequence[Fact], unseen: bool = False) -> 
     return sum(says(a, f.object) for (f, _), a in zip(pairs, answers, strict=True)) / len(pairs)
 
 
+def unchanged(before: Sequence[str], after: Sequence[str]) -> float:
+    """The fraction of answers that are identical before and after."""
+    return sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
+
+
 def write_outputs(name: str, doc: dict, plot) -> tuple[Path, Path]:
     """Write ``bench/out/<name>.json`` and a PNG drawn by ``plot(ax)``."""
     import matplotlib

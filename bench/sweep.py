@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     completion_recall,
     load_facts,
     seen_only,
+    unchanged,
 )
 
 from sleeptui.engine import Engine, load_backend  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
                 "chat_seen": chat_recall(engine, facts),
                 "chat_unseen": round(chat_recall(engine, facts, unseen=True), 3),
                 "ppl_change_pct": round(100 * (engine.perplexity() / ppl0 - 1), 2),
-                "unchanged": sum(a == b for a, b in zip(before, after, strict=True)) / len(before),
+                "unchanged": unchanged(before, after),
                 "median_s_per_fact": round(statistics.median(seconds), 2),
             }
             print(json.dumps(row), flush=True)

@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     completion_recall,
     load_facts,
     seen_only,
+    unchanged,
     write_outputs,
 )
 from rich.console import Console  # noqa: E402
@@ -85,7 +86,7 @@ def run_mode(args, facts, constrained: bool, unrelated: list[str]) -> dict:
                         "ppl_change_pct": 100 * (engine.perplexity() / ppl0 - 1),
                         "median_s_per_fact": statistics.median(seconds),
                         "bytes_per_memory": sum(p.stat().st_size for p in deltas) / len(deltas),
-                        "specificity": _unchanged(before, chat_answers(engine, unrelated, tokens=10)),
+                        "specificity": unchanged(before, chat_answers(engine, unrelated, tokens=10)),
                     }
                 )
                 console.print(
@@ -93,10 +94,6 @@ def run_mode(args, facts, constrained: bool, unrelated: list[str]) -> dict:
                 )
         engine.close()
     return {"rows": rows, "ppl_base": ppl0}
-
-
-def _unchanged(before: list[str], after: list[str]) -> float:
-    return sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
 
 
 def main() -> None:

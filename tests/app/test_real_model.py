@@ -59,8 +59,6 @@ async def test_a_stated_fact_is_answered_from_the_weights(engine):
 
 
 async def test_forget_removes_the_row(engine):
-    if not hasattr(engine, "forget"):
-        pytest.skip("engine.forget not implemented yet")
     app = real_app(engine)
     async with app.run_test(size=(120, 36)) as pilot:
         await ready(pilot)
