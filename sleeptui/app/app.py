@@ -75,12 +75,6 @@ class SleeptuiApp(App[None]):
         title: str
         message: str
 
-    @dataclass
-    class EngineProgress(Message):
-        stage: str
-        i: int
-        n: int
-
     def __init__(
         self,
         engine_factory: EngineFactory | None = None,
@@ -129,8 +123,8 @@ class SleeptuiApp(App[None]):
     @work(thread=True, group="load")
     def _load(self) -> None:
         try:
-            engine = self.engine_factory(
-                lambda s, i, n: self.post_message(self.EngineProgress(s, i, n))
+            engine = self.engine_factory(  # to the panel: in order with its edits' outcomes
+                lambda s, i, n: self.panel.post_message(MemoryPanel.EngineProgressed(s, i, n))
             )
         except StateLocked as e:
             self.post_message(self.EngineFailed("The state folder is in use", str(e)))
@@ -168,12 +162,6 @@ class SleeptuiApp(App[None]):
     def _engine_failed(self, message: EngineFailed) -> None:
         self.sub_title = "not started"
         self.push_screen(ErrorScreen(message.title, message.message))
-
-    @on(EngineProgress)
-    def _engine_progress(self, message: EngineProgress) -> None:
-        if not self.panel.sleeping:
-            title = "loading" if self.engine is None else "writing"
-            self.panel.activity.progress(title, message.stage, message.i, message.n)
 
     # -- chat ------------------------------------------------------------------------
 

@@ -85,7 +85,9 @@ class ActivityView(Static):
         self.update(self._result)
 
     def idle(self) -> None:
+        """The work ended: only the last cycle's result (if any) stays on view."""
         self.active = False
+        self.update(self._result or "")
         self._show()
 
     def toggle(self) -> None:

@@ -63,6 +63,18 @@ class MemoryPanel(Vertical):
         note: RememberedNote | None
 
     @dataclass
+    class EngineProgressed(Message):
+        """The engine's own progress: loading at start-up, then writing an edit.
+
+        Posted here by the thread that does the work, so that an edit's last report is
+        always handled before its outcome (``Remembered``), which puts the view back.
+        """
+
+        stage: str
+        i: int
+        n: int
+
+    @dataclass
     class SleepProgressed(Message):
         stage: str
         i: int
@@ -199,6 +211,16 @@ class MemoryPanel(Vertical):
         self.sync()
         if not self.sleeping:
             self.activity.idle()
+
+    @on(EngineProgressed)
+    def _engine_progressed(self, message: EngineProgressed) -> None:
+        message.stop()
+        if self.sleeping:
+            return
+        if self.engine is None:
+            self.activity.progress("loading", message.stage, message.i, message.n)
+        elif message.stage != "load":  # a start-up report that came after the engine did
+            self.activity.progress("writing", message.stage, message.i, message.n)
 
     @on(SleepProgressed)
     def _sleep_progressed(self, message: SleepProgressed) -> None:

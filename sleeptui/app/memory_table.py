@@ -27,13 +27,17 @@ COLUMNS = (
 WIDTHS = {"stage": 12, "scale": 5, "degraded": 3, "recall": 6, "age": 4}
 """Room kept for the other columns' widest values ("consolidated", "✓✓ 59m"); facts get the rest."""
 
-COMPACT_COLUMNS = ("fact", "stage")
-"""The columns kept when the table is narrow; a degraded memory's fact is shown in red."""
+COMPACT_COLUMNS = ("fact", "recall")
+"""The columns kept when the table is narrow: what the model was told and whether it still says
+it; a degraded memory's fact is shown in red."""
 
 COMPACT_BELOW = 56
 """Table widths under this many cells get the compact columns."""
 
 MIN_FACT_WIDTH = 12
+
+MAX_FACT_LINES = 3
+"""A fact wraps onto up to this many lines of its row; a longer one ends in an ellipsis."""
 
 STAGE_STYLE = {"wake": "yellow", "consolidating": "cyan", "consolidated": "green"}
 
@@ -64,10 +68,11 @@ def recall_cell(recall: Recall | None, with_age: bool = True) -> Text:
 
 
 def cells(memory: Memory, compact: bool, fact_width: int) -> dict[str, Text | str]:
-    """The cell values of one memory's row, by column key; long facts end in an ellipsis."""
+    """The cell values of one memory's row, by column key; long facts wrap, then end in an
+    ellipsis."""
     style = "dim strike" if memory.scale == 0 else "red" if memory.degraded and compact else ""
     fact = Text(memory.text, style=style)
-    fact.truncate(fact_width, overflow="ellipsis")
+    fact.truncate(fact_width * MAX_FACT_LINES - 1, overflow="ellipsis")
     values: dict[str, Text | str] = {
         "fact": fact,
         "stage": Text(memory.stage, style=STAGE_STYLE.get(memory.stage, "")),
@@ -89,7 +94,8 @@ def same(a: Text | str, b: Text | str) -> bool:
 def layout(width: int) -> tuple[bool, int]:
     """(compact, fact width) for a table ``width`` cells wide (2 cells of padding per column)."""
     compact = width < COMPACT_BELOW
-    others = sum(w + 2 for key, w in WIDTHS.items() if not compact or key in COMPACT_COLUMNS)
+    widths = {**WIDTHS, "recall": len("recall")} if compact else WIDTHS  # marks only: ✓✓
+    others = sum(w + 2 for key, w in widths.items() if not compact or key in COMPACT_COLUMNS)
     return compact, max(MIN_FACT_WIDTH, width - others - 2 - 2)  # - its padding, the scrollbar
 
 
@@ -111,7 +117,7 @@ class MemoryTable(DataTable):
     def _add_columns(self) -> None:
         for key, label in COLUMNS:
             if not self.compact or key in COMPACT_COLUMNS:
-                self.add_column(label, key=key)
+                self.add_column(label, key=key, width=self.fact_width if key == "fact" else None)
 
     def on_resize(self, event: events.Resize) -> None:
         """A new width may mean other columns: the one time the table is rebuilt."""
@@ -134,7 +140,7 @@ class MemoryTable(DataTable):
         for memory in memories:
             values = cells(memory, self.compact, self.fact_width)
             if memory.id not in self.rows:
-                self.add_row(*values.values(), key=memory.id)
+                self.add_row(*values.values(), key=memory.id, height=None)
                 continue
             for column, value in values.items():
                 if not same(self.get_cell(memory.id, column), value):

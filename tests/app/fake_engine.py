@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from sleeptui.errors import UnknownMemory
+from sleeptui.errors import SleeptuiError, UnknownMemory
 from sleeptui.facts import Fact
 from sleeptui.ledger import Memory, Recall, now
 
@@ -55,12 +55,22 @@ class Pressure:
         return self.total > 0 and self.value >= self.threshold
 
 
+def wait(gate: threading.Event, stop: threading.Event | None, timeout: float = 10) -> bool:
+    """Wait until ``gate`` is set (True), or until ``stop`` is (False), as the app quits."""
+    deadline = time.monotonic() + timeout
+    while not gate.wait(0.01):
+        if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
+            return False
+    return True
+
+
 class FakeEngine:
     """Replies stream word by word; ``hold`` (an Event) pauses a reply until a test sets it.
 
     Attributes:
         asked: Every (question, history) that ask() received.
         sleep_gate: While set to an unset Event, a sleep cycle waits on it before finishing.
+        remember_gate: The same for each fact that remember() writes.
         fail_remember, fail_sleep: Raised by remember() / sleep() when set.
     """
 
@@ -83,10 +93,12 @@ class FakeEngine:
         self.asked: list[tuple[str, list[dict[str, str]]]] = []
         self.hold: threading.Event | None = None
         self.sleep_gate: threading.Event | None = None
+        self.remember_gate: threading.Event | None = None
         self.sleeps = 0
         self.fail_remember: Exception | None = None
         self.fail_sleep: Exception | None = None
         self.closed = False
+        self.progress = None
         self._count = 0
         self._memories: tuple[Memory, ...] = ()
         self.remember(list(memories))
@@ -104,11 +116,17 @@ class FakeEngine:
         if self.fail_remember is not None:
             raise self.fail_remember
         written = []
-        for fact in facts:
+        for n, fact in enumerate(facts):
+            if self.progress:
+                self.progress("wake", n, len(facts))
+            if self.remember_gate is not None:
+                self.remember_gate.wait(10)
             self._count += 1
             memory = Memory.new(fact, memory_id=f"m{self._count:04d}")
             self._memories = (*self._memories, memory)
             written.append(memory)
+        if self.progress and facts:
+            self.progress("wake", len(facts), len(facts))
         return written
 
     def ask(
@@ -121,8 +139,8 @@ class FakeEngine:
         for n, word in enumerate(self.reply.split(" ")):
             if stop is not None and stop.is_set():
                 return
-            if n == 3 and self.hold is not None:
-                self.hold.wait(10)
+            if n == 3 and self.hold is not None and not wait(self.hold, stop):
+                return
             if self.token_delay:
                 time.sleep(self.token_delay)
             yield word if n == 0 else " " + word
@@ -141,8 +159,8 @@ class FakeEngine:
             for i in range(n + 1):
                 if progress:
                     progress(stage, i, n)
-        if self.sleep_gate is not None:
-            self.sleep_gate.wait(10)
+        if self.sleep_gate is not None and not wait(self.sleep_gate, cancel):
+            raise SleeptuiError("The sleep cycle was cancelled; nothing changed.")
         if self.fail_sleep is not None:
             raise self.fail_sleep
         degraded = sum(m.degraded for m in active)

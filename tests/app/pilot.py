@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
+from textual import events
 from textual.pilot import Pilot
 
 from sleeptui.app import SleeptuiApp
@@ -23,7 +25,13 @@ async def wait_until(
 
 
 def fake_app(engine: FakeEngine) -> SleeptuiApp:
-    return SleeptuiApp(engine_factory=lambda progress: engine)
+    """The app over ``engine``, which reports its progress to the app as the real one does."""
+
+    def factory(progress) -> FakeEngine:
+        engine.progress = progress
+        return engine
+
+    return SleeptuiApp(engine_factory=factory)
 
 
 async def ready(pilot: Pilot) -> None:
@@ -64,3 +72,32 @@ def replies(app: SleeptuiApp) -> list:
 
 def has_note(app: SleeptuiApp, fragment: str) -> bool:
     return any(fragment in text for text in notes(app))
+
+
+async def key_latency_ms(app: SleeptuiApp, key: str = "x") -> float:
+    """Send a key as the terminal driver would and time it until the prompt holds it."""
+    prompt = app.prompt
+    expected = prompt.value + key
+    started = time.perf_counter()
+    app.post_message(events.Key(key, key))
+    while prompt.value != expected:
+        if time.perf_counter() - started > 2:
+            raise AssertionError(f"the key {key!r} never reached the prompt")
+        await asyncio.sleep(0.001)
+    return (time.perf_counter() - started) * 1000
+
+
+async def key_latencies_ms(
+    app: SleeptuiApp, busy: Callable[[], bool], presses: int, gap: float = 0.05
+) -> list[float]:
+    """Up to ``presses`` key presses into the prompt, each timed, for as long as ``busy()``.
+
+    The keys come ``gap`` seconds apart (a fast typist); the prompt is cleared afterwards.
+    """
+    app.prompt.focus()
+    timings: list[float] = []
+    while busy() and len(timings) < presses:
+        timings.append(await key_latency_ms(app))
+        await asyncio.sleep(gap)
+    app.prompt.value = ""
+    return timings

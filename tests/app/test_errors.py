@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from sleeptui.app import SleeptuiApp
+from sleeptui.app import SleeptuiApp, open_engine
 from sleeptui.app.screens import ErrorScreen
 from sleeptui.errors import ModelNotFound, StateLocked
 from tests.app.pilot import wait_until
@@ -14,6 +17,11 @@ LOCKED = (
     "Close it first, or open this one read-only with --read-only."
 )
 MISSING = "The model 'smollm2-135m' is not on this machine. sleeptui looked in /models."
+
+
+def error_shown(app: SleeptuiApp) -> bool:
+    """The error screen is up and its message mounted."""
+    return isinstance(app.screen, ErrorScreen) and bool(app.screen.query("#error-message"))
 
 
 def failing(error: Exception):
@@ -34,14 +42,48 @@ def failing(error: Exception):
 async def test_a_start_up_failure_is_shown_on_an_error_screen(error, title):
     app = SleeptuiApp(engine_factory=failing(error))
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(
-            pilot, lambda: isinstance(app.screen, ErrorScreen), what="the error screen"
-        )
+        await wait_until(pilot, lambda: error_shown(app), what="the error screen")
         assert str(app.screen.query_one("#error-title").content) == title
         assert str(error) in str(app.screen.query_one("#error-message").content)
         assert app.engine is None
         await pilot.press("q")
     assert app.return_code == 2
+
+
+HOLD = """
+import sys
+from sleeptui.state import StateFolder
+folder = StateFolder.open(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+folder.close()
+"""
+
+
+async def test_a_state_folder_held_by_another_sleeptui_is_shown_and_left_alone(tmp_path):
+    state = tmp_path / "state"
+    model = tmp_path / "model"  # the lock is taken before any weights are read
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(state)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        before = sorted(p.name for p in state.iterdir())
+        app = SleeptuiApp(engine_factory=open_engine(str(model), str(state), "auto"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: error_shown(app), what="the error screen")
+            message = str(app.screen.query_one("#error-message").content)
+            assert str(app.screen.query_one("#error-title").content) == "The state folder is in use"
+            assert f"{state} is in use by another sleeptui (process {holder.pid})" in message
+            assert "--read-only" in message
+            await pilot.press("q")
+        assert app.return_code == 2
+        assert holder.poll() is None and sorted(p.name for p in state.iterdir()) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
 
 
 async def test_progress_while_loading_is_shown():

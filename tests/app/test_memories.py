@@ -84,7 +84,7 @@ async def test_sleep_shows_progress_and_updates_the_table_while_a_reply_streams(
             pilot, lambda: replies(app) and replies(app)[-1].done, what="a reply during sleep"
         )
         assert app.panel.sleeping and engine.sleeps == 0
-        assert str(app.panel.table.get_cell("m0002", "stage")) == "wake"
+        assert str(app.panel.table.get_cell("m0002", "recall")) == "✗✗"
         assert str(app.panel.table.get_cell("m0002", "fact").style) == "red"  # degraded
 
         await pilot.press("ctrl+g")
@@ -94,12 +94,29 @@ async def test_sleep_shows_progress_and_updates_the_table_while_a_reply_streams(
 
         engine.sleep_gate.set()
         await wait_until(pilot, lambda: not app.panel.sleeping, what="the cycle to end")
-        assert all(
-            str(app.panel.table.get_cell(m.id, "stage")) == "consolidated" for m in engine.memories
-        )
+        assert all(str(app.panel.table.get_cell(m.id, "recall")) == "✓✓" for m in engine.memories)
         assert str(app.panel.table.get_cell("m0002", "fact").style) == ""  # refreshed
         assert has_note(app, "slept: 2 healthy, 1 degraded, 1 refreshed, 0 pruned · recall 100%")
         assert "perplexity 21.37 → 21.41" in str(activity.content)
+
+
+async def test_an_edit_s_progress_goes_when_it_is_written_and_the_last_sleep_stays():
+    engine = FakeEngine(FACTS)
+    app = fake_app(engine)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        activity = app.panel.activity
+        await send(pilot, "/sleep")
+        await wait_until(pilot, lambda: not app.panel.sleeping, what="the cycle to end")
+        result = str(activity.content)
+        assert result.startswith("last sleep: recall 100%")
+        engine.remember_gate = threading.Event()
+        await send(pilot, "Ingrid plays the cello.")
+        await wait_until(pilot, lambda: str(activity.content).startswith("writing wake 0/1"))
+        engine.remember_gate.set()
+        await wait_until(pilot, lambda: has_note(app, "remembered: Ingrid"), what="the edit")
+        await pilot.pause(0.1)
+        assert str(activity.content) == result and activity.display
 
 
 async def test_sleep_until_converged_reports_the_cycles():
@@ -125,7 +142,7 @@ async def test_a_failed_sleep_is_shown():
             pilot, lambda: has_note(app, "sleep failed and was rolled back: Could not write")
         )
         assert not app.panel.sleeping
-        assert str(app.panel.table.get_cell("m0001", "stage")) == "wake"
+        assert str(app.panel.table.get_cell("m0001", "recall")) == "—"  # nothing measured
 
 
 async def test_sleep_starts_by_itself_when_pressure_crosses_the_threshold():
