@@ -1,0 +1,232 @@
+"""The engine on tiny random Llamas, run once per backend (torch and MLX).
+
+What every backend must give the engine: weights that are the base plus exactly the stored
+factors, through wake, restart, forget and sleep; and state folders that one backend writes
+and the other opens to the same weights and answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from sleeptui.engine import Engine, fingerprint
+from sleeptui.facts import Fact
+from sleeptui.state import StateFolder
+
+from .tiny_llama import SOURCE, byte_tokenizer, tiny_backend
+
+NO_MLX = "mlx is not installed: pip install 'sleeptui[mlx]'"
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "mlx", marks=pytest.mark.skipif(not importlib.util.find_spec("mlx_lm"), reason=NO_MLX)
+    ),
+]
+FACTS = [
+    Fact("Oda Fjellheim", "lives in", "Tromsø", questions=("Where does Oda Fjellheim live?",)),
+    Fact("Rune Aasgaard", "plays the", "harmonica"),
+    Fact("Kasimir Oyelaran", "works as a", "glassblower"),
+]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test samples its tiny model's Ĉ into its own cache, not the user's."""
+    monkeypatch.setenv("SLEEPTUI_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tokenizer):
+    return tiny_backend(request.param, tokenizer)
+
+
+@pytest.fixture
+def engine(backend, tmp_path):
+    eng = Engine(backend, SOURCE, StateFolder.open(tmp_path / "state"))
+    yield eng
+    eng.close()
+
+
+def base_weights(backend) -> dict[int, np.ndarray]:
+    return {layer: backend.weight(layer) for layer in range(backend.info.n_layers)}
+
+
+def assert_weights_are_base_plus_stored_factors(engine: Engine, base: dict) -> None:
+    """W = W_base + Σ scale · u @ v over the ledger, read back from the folder's files."""
+    expected = {layer: w.astype(np.float64) for layer, w in base.items()}
+    for memory in engine.memories:
+        for layer, (u, v) in engine.folder.read_delta(memory, engine.shapes).items():
+            expected[layer] += memory.scale * (u.astype(np.float64) @ v.astype(np.float64))
+    for layer, w in expected.items():
+        np.testing.assert_allclose(engine.backend.weight(layer), w, atol=1e-5, rtol=1e-5)
+
+
+# -- the backend interface -------------------------------------------------------------
+
+
+def test_weight_is_a_float32_copy_that_later_edits_leave_alone(backend):
+    before = backend.weight(1)
+    assert before.dtype == np.float32 and before.shape == (64, 128)
+    backend.add_low_rank(1, np.ones((64, 1), np.float32), np.ones((1, 128), np.float32), 1.0)
+    assert not np.allclose(backend.weight(1), before)
+    backend.set_weight(1, before)
+    np.testing.assert_array_equal(backend.weight(1), before)
+
+
+def test_low_rank_edits_add_exactly_and_undo_exactly(backend):
+    base = backend.weight(2)
+    rng = np.random.default_rng(3)
+    u, v = rng.normal(size=(64, 1)), rng.normal(size=(1, 128))
+    backend.add_low_rank(2, u, v, 0.5)
+    np.testing.assert_allclose(backend.weight(2) - base, 0.5 * (u @ v), atol=1e-6)
+    backend.add_low_rank(2, u, v, -0.5)
+    np.testing.assert_allclose(backend.weight(2), base, atol=1e-6)
+
+
+def test_a_clone_is_independent_of_the_original(backend):
+    base = backend.weight(1)
+    answer = backend.greedy([[3, 4, 5]], 4)
+    clone = backend.clone()
+    assert clone is not None
+    clone.add_low_rank(1, np.ones((64, 1)), np.ones((1, 128)), 1.0)
+    np.testing.assert_array_equal(backend.weight(1), base)
+    np.testing.assert_allclose(clone.weight(1), base + 1.0, atol=1e-6)
+    assert backend.greedy([[3, 4, 5]], 4) == answer
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(backend):
+    batch = [[3, 4, 5, 6, 7, 8], [9, 10], [12, 13, 14, 15]]
+    together = backend.greedy(batch, 8)
+    assert together == [backend.greedy([row], 8)[0] for row in batch]
+    assert all(len(row) == 8 for row in together)  # a random model never says <|im_end|>
+
+
+def test_a_reply_streamed_from_a_worker_thread_is_the_greedy_reply(backend):
+    pieces: list[str] = []
+    worker = threading.Thread(target=lambda: pieces.extend(backend.stream([3, 4, 5, 6], 8)))
+    worker.start()
+    worker.join()
+    assert "".join(pieces) == backend.decode(backend.greedy([[3, 4, 5, 6]], 8)[0])
+    stop = threading.Event()
+    stop.set()
+    assert list(backend.stream([3, 4, 5, 6], 8, stop)) == []
+
+
+def test_samples_are_reproducible_for_a_seed(backend):
+    first = backend.sample(["ab", "xyz"], 10, seed=7)
+    assert first == backend.sample(["ab", "xyz"], 10, seed=7)
+    assert first != backend.sample(["ab", "xyz"], 10, seed=8)
+    assert [row[:2] for row in first] == [backend.encode("ab"), backend.encode("xy")]
+
+
+# -- the engine on each backend --------------------------------------------------------
+
+
+def test_remembered_facts_are_the_base_weights_plus_their_stored_factors(engine):
+    base = base_weights(engine.backend)
+    memories = engine.remember(FACTS[:2])
+    assert [m.subject for m in memories] == ["Oda Fjellheim", "Rune Aasgaard"]
+    for layer in (0, 3):  # outside the edit layers nothing moved
+        np.testing.assert_array_equal(engine.backend.weight(layer), base[layer])
+    assert not np.allclose(engine.backend.weight(2), base[2])
+    assert_weights_are_base_plus_stored_factors(engine, base)
+
+
+def test_a_later_fact_leaves_the_earlier_facts_keys_almost_unmoved(engine):
+    """Constrained wake (eq. 5): the new edit's output at an old memory's keys is small next
+    to its output at its own keys."""
+    [first] = engine.remember(FACTS[:1])
+    held = engine.keys_of([first])[0]
+    before = {layer: engine.backend.weight(layer) for layer in engine.cfg.layers}
+    [second] = engine.remember(FACTS[1:2])
+    own = engine.keys_of([second])[0]
+    for layer in engine.cfg.layers:
+        change = engine.backend.weight(layer).astype(np.float64) - before[layer]
+        at_held = np.linalg.norm(change @ held[layer].T, axis=0).max()
+        at_own = np.linalg.norm(change @ own[layer].T, axis=0).min()
+        assert at_held < 0.05 * at_own
+
+
+def test_reopening_the_folder_gives_the_same_weights_and_answers(engine, tmp_path):
+    base = base_weights(engine.backend)
+    engine.remember(FACTS)
+    edited = base_weights(engine.backend)
+    prompts = [engine.backend.encode(f.prompt) for f in FACTS]
+    answers = engine.backend.greedy(prompts, 8)
+    engine.close()
+    for layer, w in base.items():
+        engine.backend.set_weight(layer, w)
+    reopened = Engine(engine.backend, SOURCE, StateFolder.open(tmp_path / "state"))
+    try:
+        for layer, w in edited.items():
+            np.testing.assert_allclose(reopened.backend.weight(layer), w, atol=1e-6)
+        assert reopened.backend.greedy(prompts, 8) == answers
+    finally:
+        reopened.close()
+
+
+def test_forget_leaves_exactly_the_other_memories_in_the_weights(engine):
+    base = base_weights(engine.backend)
+    memories = engine.remember(FACTS)
+    report = engine.forget(memories[1].id)
+    assert report.memory.id == memories[1].id
+    assert [m.id for m in engine.memories] == [memories[0].id, memories[2].id]
+    assert_weights_are_base_plus_stored_factors(engine, base)
+
+
+def test_a_committed_sleep_refreshes_the_degraded_and_keeps_files_and_weights_agreed(engine):
+    base = base_weights(engine.backend)
+    engine.remember(FACTS)
+    engine.sleep_cfg = replace(engine.sleep_cfg, ppl_tolerance=float("inf"))
+    report = engine.sleep()
+    assert not report.rolled_back
+    assert report.healthy + report.degraded == len(FACTS)
+    assert report.refreshed == report.degraded
+    assert all(m.events[1].kind == "audited" for m in engine.memories)
+    assert_weights_are_base_plus_stored_factors(engine, base)
+
+
+def test_a_rolled_back_sleep_leaves_weights_and_files_as_they_were(engine):
+    engine.remember(FACTS)
+    weights = base_weights(engine.backend)
+    files = {p: p.read_bytes() for p in sorted((engine.folder.root / "deltas").iterdir())}
+    ledger = (engine.folder.root / "ledger.json").read_bytes()
+    engine.sleep_cfg = replace(engine.sleep_cfg, ppl_tolerance=-1.0)  # any cycle "fails"
+    report = engine.sleep()
+    assert report.rolled_back
+    assert {p: p.read_bytes() for p in sorted((engine.folder.root / "deltas").iterdir())} == files
+    assert (engine.folder.root / "ledger.json").read_bytes() == ledger
+    for layer, w in weights.items():
+        np.testing.assert_array_equal(engine.backend.weight(layer), w)
+
+
+# -- a state folder moving between backends --------------------------------------------
+
+
+@pytest.mark.parametrize("writer, reader", [("torch", "mlx"), ("mlx", "torch")])
+def test_a_folder_written_by_one_backend_opens_in_the_other(writer, reader, tokenizer, tmp_path):
+    pytest.importorskip("mlx_lm", reason=NO_MLX)
+    source, target = tiny_backend(writer, tokenizer), tiny_backend(reader, tokenizer)
+    assert fingerprint(source) == fingerprint(target)
+    written = Engine(source, SOURCE, StateFolder.open(tmp_path / "state"))
+    written.remember(FACTS)
+    written.close()
+    opened = Engine(target, SOURCE, StateFolder.open(tmp_path / "state"))
+    try:
+        assert [m.id for m in opened.memories] == [m.id for m in written.memories]
+        for layer in range(source.info.n_layers):
+            np.testing.assert_allclose(target.weight(layer), source.weight(layer), atol=1e-6)
+        prompts = [target.encode(f.prompt) for f in FACTS]
+        assert target.greedy(prompts, 8) == source.greedy(prompts, 8)
+    finally:
+        opened.close()
