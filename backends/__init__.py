@@ -125,6 +125,11 @@ class Backend(Protocol):
         """Replace the down_proj weight of ``layer`` (rollback, swapping in a sleep's result)."""
         ...
 
+    def to_device(self, a: np.ndarray, layer: int) -> object:
+        """``a`` as a float64 array where the MEMIT algebra of ``layer`` runs best: a NumPy
+        array on the CPU, or a tensor on the GPU that holds the layer (see sleeptui.memit)."""
+        ...
+
     def clone(self) -> Backend | None:
         """An independent copy of the model for sleep to work on, or None when the model is
         too large to copy (then sleep works in place and replies wait for it)."""

@@ -305,6 +305,10 @@ class MLXBackend:
         mod.weight = mx.array(np.asarray(w, np.float32))
         mx.eval(mod.weight)
 
+    def to_device(self, a: np.ndarray, layer: int) -> np.ndarray:
+        """MLX has no float64 on the GPU: the MEMIT algebra runs in NumPy."""
+        return np.asarray(a, dtype=np.float64)
+
     def clone(self) -> MLXBackend | None:
         """A copy sharing every array with this model: MLX arrays are immutable and edits
         replace a layer's weight, so the copy costs memory only for the layers it changes."""

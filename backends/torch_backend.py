@@ -41,19 +41,59 @@ class TorchBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def from_folder(cls, folder: Path, device: str = "auto") -> TorchBackend:
-        """Load a Hugging Face model folder (config.json + safetensors), never downloading."""
+    def from_folder(
+        cls,
+        folder: Path,
+        device: str = "auto",
+        edit_layers: Sequence[int] = (),
+        four_bit: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> TorchBackend:
+        """Load a Hugging Face model folder (config.json + safetensors), never downloading.
+
+        On CUDA the weights keep the checkpoint's dtype (bf16 for Llama), placed by
+        accelerate (``device_map="auto"``: one GPU when the model fits, several when not).
+        ``four_bit`` quantises to bitsandbytes NF4, except the down_proj of the edit layers
+        (and of the two layers the fingerprint reads), which stay exact: MEMIT adds float32
+        deltas to them. Whatever is already quantised there is dequantised before an edit.
+        ``dtype`` overrides the weights' dtype (tests run the bf16 path on the CPU).
+        """
+        from transformers import AutoConfig
+
         dev = _pick_device(device)
-        dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        n_layers = config.num_hidden_layers
+        exact = sorted({*edit_layers, 0, n_layers - 1})
+        dtype = dtype or _load_dtype(config, dev)
+        kwargs: dict = {"dtype": dtype, "local_files_only": True}
+        if dev != "cpu":
+            kwargs["device_map"] = "auto" if dev == "cuda" else {"": dev}
+        if four_bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=["lm_head", *(_down_proj_path(i) for i in exact)],
+            )
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, device_map=dev if dev != "cpu" else None
-        )
-        _edit_layers_in_float32(model)
-        return cls(model, tok, str(folder))
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        backend = cls(model, tok, str(folder))
+        for layer in edit_layers:
+            backend._editable(layer)
+        return backend
 
     @classmethod
-    def from_gguf(cls, path: Path, cache: Path, device: str = "auto") -> TorchBackend:
+    def from_gguf(
+        cls,
+        path: Path,
+        cache: Path,
+        device: str = "auto",
+        edit_layers: Sequence[int] = (),
+        four_bit: bool = False,
+    ) -> TorchBackend:
         """Load a GGUF file, dequantised to float32 by transformers.
 
         Dequantising takes tens of seconds, so the first load writes the result to ``cache``
@@ -62,7 +102,7 @@ class TorchBackend:
         folder = cache / "models" / _file_key(path)
         if not (folder / "config.json").exists():
             _convert_gguf(path, folder)
-        return cls.from_folder(folder, device=device)
+        return cls.from_folder(folder, device, edit_layers, four_bit)
 
     # -- text ------------------------------------------------------------------
 
@@ -233,19 +273,30 @@ class TorchBackend:
 
     def weight(self, layer: int) -> np.ndarray:
         """A copy of the layer's down_proj weight (never a view that later edits change)."""
-        return self._down_proj(layer).weight.detach().to("cpu", torch.float32, copy=True).numpy()
+        mod = self._down_proj(layer)
+        if _is_4bit(mod):
+            return _dequantised(mod).cpu().numpy()
+        return mod.weight.detach().to("cpu", torch.float32, copy=True).numpy()
 
     @torch.no_grad()
     def add_low_rank(self, layer: int, u: np.ndarray, v: np.ndarray, scale: float) -> None:
-        w = self._down_proj(layer).weight
+        w = self._editable(layer).weight
         tu = torch.as_tensor(u, dtype=torch.float32, device=w.device)
         tv = torch.as_tensor(v, dtype=torch.float32, device=w.device)
-        w.add_((scale * (tu @ tv)).to(w.dtype))
+        w.add_(scale * (tu @ tv))
 
     @torch.no_grad()
     def set_weight(self, layer: int, w: np.ndarray) -> None:
-        target = self._down_proj(layer).weight
-        target.copy_(torch.as_tensor(w, device=target.device).to(target.dtype))
+        target = self._editable(layer).weight
+        target.copy_(torch.as_tensor(w, dtype=torch.float32, device=target.device))
+
+    def to_device(self, a, layer: int):
+        """``a`` in float64 where the MEMIT algebra of ``layer`` runs: NumPy when the layer is
+        on the CPU, a tensor on its GPU otherwise (see :mod:`sleeptui.memit`)."""
+        dev = self._down_proj(layer).weight.device
+        if dev.type == "cpu":
+            return np.asarray(a, dtype=np.float64)
+        return torch.as_tensor(a, dtype=torch.float64, device=dev)
 
     def clone(self) -> TorchBackend | None:
         """A deep copy for sleep to work on; None above ``CLONE_LIMIT`` bytes of weights."""
@@ -266,6 +317,30 @@ class TorchBackend:
 
     def _down_proj(self, layer: int) -> torch.nn.Module:
         return self.model.model.layers[layer].mlp.down_proj
+
+    def _editable(self, layer: int) -> torch.nn.Module:
+        """The layer's down_proj, made float32 (dequantised if 4-bit) before its first edit.
+
+        Deltas are float32 and must add exactly; the layer computes in float32 and hands its
+        output back in the dtype of its input.
+        """
+        mlp = self.model.model.layers[layer].mlp
+        mod = mlp.down_proj
+        if _is_4bit(mod):
+            plain = torch.nn.Linear(
+                mod.in_features, mod.out_features, bias=False, device=mod.weight.device
+            )
+            plain.weight.requires_grad_(False)
+            plain.weight.copy_(_dequantised(mod))
+            _copy_accelerate_hook(mod, plain)
+            mlp.down_proj = mod = plain
+        if mod.weight.dtype != torch.float32:
+            mod.to(torch.float32)
+        if not getattr(mod, "_sleeptui_float32", False):
+            mod.register_forward_pre_hook(_cast_input_to_weight)
+            mod.register_forward_hook(_cast_output_back)
+            mod._sleeptui_float32 = True
+        return mod
 
 
 class _ShiftPass:
@@ -447,18 +522,49 @@ def _block_causal_mask(queries, keys, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def _pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
-def _edit_layers_in_float32(model: torch.nn.Module) -> None:
-    """Edits are float32 deltas; keep every down_proj in float32 so they add exactly."""
-    for layer in model.model.layers:
-        layer.mlp.down_proj.to(torch.float32)
-        layer.mlp.down_proj.register_forward_pre_hook(_cast_input_to_weight)
-        layer.mlp.down_proj.register_forward_hook(_cast_output_back)
+def _load_dtype(config, device: str) -> torch.dtype:
+    """float32 on the CPU; on a GPU the checkpoint's own dtype (bf16 for Llama), so that the
+    fingerprint's rounded weights read the same whichever device loaded them."""
+    if device == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _down_proj_path(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj"
+
+
+def _is_4bit(mod: torch.nn.Module) -> bool:
+    return type(mod).__name__ == "Linear4bit"
+
+
+def _dequantised(mod: torch.nn.Module) -> torch.Tensor:
+    """A bitsandbytes 4-bit layer's weight as float32, computed afresh (the stored bytes stay)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(torch.float32)
+
+
+def _copy_accelerate_hook(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Keep accelerate's device placement when a module is replaced (multi-GPU models)."""
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
 
 
 def _cast_input_to_weight(mod, args):

@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", help="state folder (default: $SLEEPTUI_HOME or the user data dir)"
     )
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument(
+        "--4bit",
+        dest="four_bit",
+        action="store_true",
+        default=None,
+        help="load the torch model in bitsandbytes NF4 (edited layers stay exact)",
+    )
     p.add_argument("--read-only", action="store_true", help="open the state folder without writing")
     sub = p.add_subparsers(dest="command")
 
@@ -94,7 +101,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command is None:
         from sleeptui.app import run_app
 
-        return run_app(model=args.model, state=args.state_dir, backend=args.backend)
+        return run_app(
+            model=args.model, state=args.state_dir, backend=args.backend, four_bit=args.four_bit
+        )
     if args.command == "remember":
         facts = _facts_of(args)  # refuse bad input before loading anything
         with _engine(args) as engine:
@@ -153,6 +162,7 @@ def _engine(args: argparse.Namespace):
             backend=args.backend,
             read_only=args.read_only,
             progress=report,
+            four_bit=args.four_bit,
         )
     try:
         engine.progress = None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from sleeptui import memit
 from sleeptui.backends import Backend
 
 OPENERS = (
@@ -107,8 +108,9 @@ def load_or_compute(
     cache: Path,
     fingerprint: str,
     progress: Progress | None = None,
-) -> dict[int, np.ndarray]:
-    """Ĉ per layer, read from the cache or sampled, measured and cached."""
+) -> dict[int, memit.Array]:
+    """Ĉ per layer, read from the cache or sampled, measured and cached (arrays as the
+    backend's ``to_device`` gives them when freshly computed, NumPy when read)."""
     path = covariance_path(cache, fingerprint, layers, n_tokens)
     if path.exists():
         stored = load_file(str(path))
@@ -116,14 +118,15 @@ def load_or_compute(
     cov = compute(backend, layers, n_tokens, progress)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    save_file({f"layer.{k}": v.astype(np.float32) for k, v in cov.items()}, str(tmp))
+    stored = {f"layer.{k}": memit.to_numpy(v).astype(np.float32) for k, v in cov.items()}
+    save_file(stored, str(tmp))
     tmp.replace(path)
     return cov
 
 
 def compute(
     backend: Backend, layers: Sequence[int], n_tokens: int, progress: Progress | None = None
-) -> dict[int, np.ndarray]:
+) -> dict[int, memit.Array]:
     """Ĉ = (1/M) Σ k kᵀ over about ``n_tokens`` sampled token positions (eq. 2)."""
     chats = tuple(backend.chat_text([{"role": "user", "content": r}]) for r in REQUESTS)
     seeds = OPENERS + chats
@@ -131,16 +134,15 @@ def compute(
     if progress:
         progress(0, 2 * len(seeds))
     rows = backend.sample(seeds, per_row, seed=SEED)  # one batch: fewest sequential steps
-    d = backend.info.d_ff
-    sums = {layer: np.zeros((d, d)) for layer in layers}
+    sums: dict[int, memit.Array] = {}
     count = 0
     for start in range(0, len(rows), CHUNK_ROWS):
         chunk = rows[start : start + CHUNK_ROWS]
         positions = [list(range(len(r))) for r in chunk]
         keys, _ = backend.probe(chunk, positions, layers, None)
         for layer in layers:
-            k = keys[layer].astype(np.float64)
-            sums[layer] += k.T @ k
+            k = backend.to_device(keys[layer], layer)  # float64, where the algebra runs
+            sums[layer] = k.T @ k if layer not in sums else sums[layer] + k.T @ k
         count += sum(len(r) for r in chunk)
         if progress:
             progress(len(seeds) + start + len(chunk), 2 * len(seeds))

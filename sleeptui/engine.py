@@ -31,17 +31,28 @@ RECALL_TOKENS = 12
 CHAT_RECALL_TOKENS = 32
 
 
-def load_backend(source: ModelSource, backend: str = "auto", device: str = "auto") -> Backend:
-    """Load the weights with the chosen backend (``auto``: MLX on Apple silicon, else torch)."""
+def load_backend(
+    source: ModelSource, backend: str = "auto", device: str = "auto", four_bit: bool | None = None
+) -> Backend:
+    """Load the weights with the chosen backend (``auto``: MLX on Apple silicon, else torch).
+
+    ``four_bit``: bitsandbytes NF4 for the torch backend; None follows the preset, which asks
+    for it only where CUDA is present (the 70B preset). MLX models are quantised as stored.
+    """
+    from sleeptui.errors import SleeptuiError
+
     if backend == "auto":
         backend = "mlx" if _apple_silicon() and _has("mlx_lm") else "torch"
     if backend == "mlx":
         if not _has("mlx_lm"):
-            from sleeptui.errors import SleeptuiError
-
             raise SleeptuiError(
                 "The MLX backend needs mlx-lm: pip install 'sleeptui[mlx]' (on Linux it uses "
                 "mlx's CPU build), or use --backend torch."
+            )
+        if four_bit:
+            raise SleeptuiError(
+                "--4bit is for the torch backend; for MLX, pass a quantised MLX model folder "
+                "(e.g. an mlx-community …-4bit model) with --model."
             )
         from sleeptui.backends.mlx_backend import MLXBackend
 
@@ -49,14 +60,18 @@ def load_backend(source: ModelSource, backend: str = "auto", device: str = "auto
             return MLXBackend.from_gguf(source.path, cache_dir())
         return MLXBackend.from_folder(source.path)
     if backend != "torch":
-        from sleeptui.errors import SleeptuiError
-
         raise SleeptuiError(f"Unknown backend {backend!r}: choose auto, torch or mlx.")
-    from sleeptui.backends.torch_backend import TorchBackend
+    from sleeptui.backends.torch_backend import TorchBackend, cuda_available
 
-    if source.is_gguf:
-        return TorchBackend.from_gguf(source.path, cache_dir(), device=device)
-    return TorchBackend.from_folder(source.path, device=device)
+    if four_bit is None:
+        four_bit = source.preset.load_4bit and cuda_available()
+    if four_bit and not _has("bitsandbytes"):
+        raise SleeptuiError(
+            "--4bit needs bitsandbytes: pip install 'sleeptui[cuda]', or leave out --4bit."
+        )
+    load = TorchBackend.from_gguf if source.is_gguf else TorchBackend.from_folder
+    args = (source.path, cache_dir()) if source.is_gguf else (source.path,)
+    return load(*args, device=device, edit_layers=source.preset.edit.layers, four_bit=four_bit)
 
 
 def _apple_silicon() -> bool:
@@ -131,11 +146,13 @@ class Engine:
         backend: str = "auto",
         read_only: bool = False,
         progress: Progress | None = None,
+        four_bit: bool | None = None,
     ) -> Engine:
         source = resolve(model)
         folder = StateFolder.open(state_dir(state), read_only=read_only)
         try:
-            return cls(load_backend(source, backend), source, folder, progress)
+            loaded = load_backend(source, backend, four_bit=four_bit)
+            return cls(loaded, source, folder, progress)
         except BaseException:
             folder.close()
             raise
@@ -417,7 +434,10 @@ class Engine:
                 self.fingerprint,
                 progress=lambda i, n: self._step("covariance", i, n),
             )
-            c_inv = {layer: memit.inverse_covariance(c) for layer, c in cov.items()}
+            c_inv = {
+                layer: memit.inverse_covariance(self.backend.to_device(c, layer))
+                for layer, c in cov.items()
+            }
             self._editor = Editor(self.backend, self.cfg, c_inv)
         return self._editor
 

@@ -2,27 +2,34 @@
 
 Shapes: d_in is the down-projection's input width (the MLP's hidden size), d_out the model
 width, N the number of key columns (new facts' renderings plus constrained keys).
-Everything here is NumPy in float64 so that torch and MLX share one implementation.
+Everything here runs in float64 on the arrays a backend hands out (``Backend.to_device``):
+NumPy on the CPU, so that torch and MLX share one implementation, or torch tensors on the GPU
+that holds the layer, where the d_in × d_in products of a large model belong.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+# A float64 matrix: a NumPy array, or a torch tensor on the device of the layer it serves.
+Array = Any
 
-def inverse_covariance(c: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+
+def inverse_covariance(c: Array, ridge: float = 1e-6) -> Array:
     """Ĉ⁻¹ of eq. 2's covariance, with a tiny ridge (relative to its trace) for conditioning."""
-    c = np.asarray(c, dtype=np.float64)
+    lin = _lib(c)
     d = c.shape[0]
-    c = c + ridge * np.trace(c) / d * np.eye(d)
-    chol = np.linalg.cholesky(c)
-    inv_chol = np.linalg.solve(chol, np.eye(d))
+    eye = _eye(d, c)
+    c = c + ridge * float(lin.trace(c)) / d * eye
+    inv_chol = lin.linalg.solve(lin.linalg.cholesky(c), eye)
     return inv_chol.T @ inv_chol
 
 
-def solve_update(keys: np.ndarray, c_inv: np.ndarray, lam: float) -> np.ndarray:
+def solve_update(keys: Array, c_inv: Array, lam: float) -> Array:
     """M with ΔW = R @ M for any residual R (d_out × N).
 
     Eq. 3: ΔW = R Kᵀ (K Kᵀ + λĈ)⁻¹. By Woodbury (eq. 4), equivalently
@@ -36,13 +43,12 @@ def solve_update(keys: np.ndarray, c_inv: np.ndarray, lam: float) -> np.ndarray:
     Returns:
         M, (N × d_in).
     """
-    k = np.asarray(keys, dtype=np.float64)
-    c_inv_k = c_inv @ k  # (d_in × N)
-    gram = lam * np.eye(k.shape[1]) + k.T @ c_inv_k  # λI + Kᵀ Ĉ⁻¹ K, (N × N)
-    return np.linalg.solve(gram, c_inv_k.T)
+    c_inv_k = c_inv @ keys  # (d_in × N)
+    gram = lam * _eye(keys.shape[1], keys) + keys.T @ c_inv_k  # λI + Kᵀ Ĉ⁻¹ K, (N × N)
+    return _lib(keys).linalg.solve(gram, c_inv_k.T)
 
 
-def with_held_keys(new: np.ndarray, held: np.ndarray, lam: float, lam_hold: float) -> np.ndarray:
+def with_held_keys(new: Array, held: Array, lam: float, lam_hold: float) -> Array:
     """K of eq. 5: the new facts' key columns, then the held ones (both d_in × ·).
 
     Eq. 3 regularises every column of K alike, so the λ that keeps a new edit small also lets
@@ -50,7 +56,7 @@ def with_held_keys(new: np.ndarray, held: np.ndarray, lam: float, lam_hold: floa
     residual as if it were solved with ``lam_hold`` instead: min ‖ΔW K_new − R‖² +
     (λ / lam_hold)‖ΔW K_held‖² + λ tr(ΔW Ĉ ΔWᵀ).
     """
-    return np.concatenate([new, np.sqrt(lam / lam_hold) * held], axis=1)
+    return _lib(new).concatenate([new, math.sqrt(lam / lam_hold) * held], axis=1)
 
 
 def direct_update(keys: np.ndarray, residual: np.ndarray, c: np.ndarray, lam: float) -> np.ndarray:
@@ -76,7 +82,7 @@ class Columns:
 
 
 def rank_one_factors(
-    m: np.ndarray, residuals: np.ndarray, columns: Columns
+    m: Array, residuals: np.ndarray, columns: Columns
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each new memory's share of ΔW = R M as rank-one factors (u, v) with ΔW_i = u @ v.
 
@@ -91,6 +97,7 @@ def rank_one_factors(
     Returns:
         ``[(u (d_out × 1), v (1 × d_in))]`` in memory order.
     """
+    m = to_numpy(m)
     owner = np.asarray(columns.owner)
     factors = []
     for i in range(columns.n_memories):
@@ -102,3 +109,27 @@ def rank_one_factors(
 def spread(total: np.ndarray, layer_index: int, n_layers: int) -> np.ndarray:
     """The share of the remaining residual that layer ``layer_index`` (0-based) absorbs."""
     return total / (n_layers - layer_index)
+
+
+def to_numpy(a: Array) -> np.ndarray:
+    """``a`` as a NumPy array (copied off the GPU where it lives there)."""
+    if isinstance(a, np.ndarray):
+        return a
+    return a.detach().cpu().numpy()
+
+
+def _lib(a: Array):
+    """The library whose functions apply to ``a``: NumPy, or torch for a tensor."""
+    if isinstance(a, np.ndarray):
+        return np
+    import torch
+
+    return torch
+
+
+def _eye(n: int, like: Array) -> Array:
+    if isinstance(like, np.ndarray):
+        return np.eye(n, dtype=like.dtype)
+    import torch
+
+    return torch.eye(n, dtype=like.dtype, device=like.device)

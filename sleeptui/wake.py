@@ -49,7 +49,7 @@ Step = Callable[[str, int, int], None]
 class Editor:
     """Writes facts into a backend's down_proj weights with MEMIT."""
 
-    def __init__(self, backend: Backend, cfg: EditConfig, c_inv: dict[int, np.ndarray]) -> None:
+    def __init__(self, backend: Backend, cfg: EditConfig, c_inv: dict[int, memit.Array]) -> None:
         self.backend = backend
         self.cfg = cfg
         self.c_inv = c_inv
@@ -111,10 +111,15 @@ class Editor:
             k_new = np.concatenate(cols)  # (n_new × d_in)
             k_old = [c[layer] for c in constraints]
             k_held = np.concatenate(k_old) if k_old else np.zeros((0, k_new.shape[1]))
-            k_all = memit.with_held_keys(k_new.T, k_held.T, cfg.lam, cfg.lam_hold).T  # (N × d_in)
+            k_all = memit.with_held_keys(  # (d_in × N), where the layer's algebra runs
+                backend.to_device(k_new.T, layer),
+                backend.to_device(k_held.T, layer),
+                cfg.lam,
+                cfg.lam_hold,
+            )
             owner = tuple(i for i, c in enumerate(cols) for _ in range(len(c)))
-            owner += (-1,) * (len(k_all) - len(owner))
-            m = memit.solve_update(k_all.T, self.c_inv[layer], cfg.lam)
+            owner += (-1,) * (k_all.shape[1] - len(owner))
+            m = memit.solve_update(k_all, self.c_inv[layer], cfg.lam)
             layer_factors = memit.rank_one_factors(m, residual, memit.Columns(owner))
             for i, (u, v) in enumerate(layer_factors):
                 backend.add_low_rank(layer, u, v, 1.0)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from sleeptui.app.app import SleeptuiApp
+from sleeptui.app.app import SleeptuiApp, open_engine
 
 
-def run_app(model: str | None = None, state: str | None = None, backend: str = "auto") -> int:
+def run_app(
+    model: str | None = None,
+    state: str | None = None,
+    backend: str = "auto",
+    four_bit: bool | None = None,
+) -> int:
     """Run the app until the user quits; the exit status is 2 if it could not start."""
-    app = SleeptuiApp(model=model, state=state, backend=backend)
+    app = SleeptuiApp(engine_factory=open_engine(model, state, backend, four_bit))
     app.run()
     return app.return_code or 0
 

@@ -39,11 +39,15 @@ QUIT_WAIT_SECONDS = 60.0
 """On quit, how long to wait for an edit in flight before the state folder is closed anyway."""
 
 
-def open_engine(model: str | None, state: str | None, backend: str) -> EngineFactory:
+def open_engine(
+    model: str | None, state: str | None, backend: str, four_bit: bool | None = None
+) -> EngineFactory:
     def factory(progress: Progress) -> Engine:
         from sleeptui.engine import Engine
 
-        return Engine.open(model=model, state=state, backend=backend, progress=progress)
+        return Engine.open(
+            model=model, state=state, backend=backend, progress=progress, four_bit=four_bit
+        )
 
     return factory
 
