@@ -7,6 +7,10 @@ seconds per fact and bytes per memory on disk; then specificity (unrelated answe
 Writes bench/out/wake.json and bench/out/wake.png.
 
     python bench/wake.py [--n 120] [--modes constrained,unconstrained] [--facts FILE]
+    python bench/wake.py --n 10 --modes constrained --backend torch,mlx
+
+Several backends (comma-separated) run one after the other on the same facts, in one table,
+and the closing line gives each one's median seconds per fact as a ratio to the first's.
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ CHECKPOINTS = (1, 5, 10, 20, 40, 80, 120)
 console = Console()
 
 
-def run_single(args, facts) -> dict:
+def run_single(args, backend: str, facts) -> dict:
     """Each fact written alone into the unedited model, checked, then forgotten."""
     with tempfile.TemporaryDirectory() as state:
-        engine = Engine.open(model=args.model, state=state, backend=args.backend)
+        engine = Engine.open(model=args.model, state=state, backend=backend)
         hits, chat, seconds = 0, 0, []
         for fact in facts:
             t = time.perf_counter()
@@ -59,13 +63,13 @@ def run_single(args, facts) -> dict:
         "chat_seen": chat / len(facts),
         "median_s_per_fact": statistics.median(seconds),
     }
-    console.print(f"  single (each fact alone): {row}")
+    console.print(f"  {backend} single (each fact alone): {row}")
     return {"rows": [row]}
 
 
-def run_mode(args, facts, constrained: bool, unrelated: list[str]) -> dict:
+def run_mode(args, backend: str, facts, constrained: bool, unrelated: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as state:
-        engine = Engine.open(model=args.model, state=state, backend=args.backend)
+        engine = Engine.open(model=args.model, state=state, backend=backend)
         engine.cfg = replace(engine.cfg, constrain_wake=constrained)
         before = chat_answers(engine, unrelated, tokens=10)
         ppl0 = engine.perplexity()
@@ -89,11 +93,45 @@ def run_mode(args, facts, constrained: bool, unrelated: list[str]) -> dict:
                         "specificity": unchanged(before, chat_answers(engine, unrelated, tokens=10)),
                     }
                 )
-                console.print(
-                    f"  {'constrained' if constrained else 'unconstrained'} N={i}: {rows[-1]}"
-                )
+                mode = "constrained" if constrained else "unconstrained"
+                console.print(f"  {backend} {mode} N={i}: {rows[-1]}")
         engine.close()
     return {"rows": rows, "ppl_base": ppl0}
+
+
+def run_backend(args, backend: str, pool, facts, unrelated, modes) -> dict:
+    """The unedited baseline, then every mode, on one backend."""
+    with tempfile.TemporaryDirectory() as state:
+        engine = Engine.open(model=args.model, state=state, backend=backend)
+        baseline = {
+            "completion": completion_recall(engine, pool),
+            "chat_seen": chat_recall(engine, facts),
+        }
+        engine.close()
+    console.print(
+        f"{backend}, unedited model: completion recall {baseline['completion']:.3f} "
+        f"over {len(pool)} facts"
+    )
+    results = {"baseline": baseline}
+    for mode in modes:
+        if mode == "single":
+            results[mode] = run_single(args, backend, pool[: args.single])
+        else:
+            results[mode] = run_mode(args, backend, facts, mode == "constrained", unrelated)
+    return results
+
+
+def s_per_fact_ratios(by_backend: dict, modes: list[str]) -> dict:
+    """Each backend's median seconds per fact over the first's, per mode (last row)."""
+    first, *others = by_backend
+    return {
+        f"{other}/{first}": {
+            mode: by_backend[other][mode]["rows"][-1]["median_s_per_fact"]
+            / by_backend[first][mode]["rows"][-1]["median_s_per_fact"]
+            for mode in modes
+        }
+        for other in others
+    }
 
 
 def main() -> None:
@@ -103,7 +141,9 @@ def main() -> None:
     p.add_argument("--modes", default="single,constrained,unconstrained")
     p.add_argument("--single", type=int, default=40, help="facts edited alone in single mode")
     p.add_argument("--model")
-    p.add_argument("--backend", default="auto")
+    p.add_argument(
+        "--backend", default="auto", help="auto, torch or mlx; several (torch,mlx) are compared"
+    )
     args = p.parse_args()
     pool = load_facts(args.facts)
     facts = pool[: args.n]
@@ -111,27 +151,16 @@ def main() -> None:
     others = [f.questions[0] for f in pool[args.n :][:20]]
     unrelated = others + list(GENERAL_QUESTIONS[: 40 - len(others)])
 
-    with tempfile.TemporaryDirectory() as state:
-        engine = Engine.open(model=args.model, state=state, backend=args.backend)
-        baseline = {
-            "completion": completion_recall(engine, pool),
-            "chat_seen": chat_recall(engine, facts),
-        }
-        engine.close()
-    console.print(
-        f"unedited model: completion recall {baseline['completion']:.3f} over {len(pool)} facts"
-    )
-
-    results = {"baseline": baseline, "n_unrelated": len(unrelated)}
     modes = args.modes.split(",")
-    for mode in modes:
-        if mode == "single":
-            results[mode] = run_single(args, pool[: args.single])
-        else:
-            results[mode] = run_mode(args, facts, mode == "constrained", unrelated)
+    backends = args.backend.split(",")
+    by_backend = {b: run_backend(args, b, pool, facts, unrelated, modes) for b in backends}
+    results = {"n_unrelated": len(unrelated), "backends": by_backend}
+    if len(backends) > 1:
+        results["s_per_fact_ratio"] = s_per_fact_ratios(by_backend, modes)
 
     table = Table(title="wake: one fact at a time")
     for col in (
+        "backend",
         "mode",
         "N",
         "completion",
@@ -146,41 +175,48 @@ def main() -> None:
     def cell(r: dict, key: str, fmt: str) -> str:
         return format(r[key], fmt) if key in r else "–"
 
-    for mode in modes:
-        for r in results[mode]["rows"]:
-            table.add_row(
-                mode,
-                str(r["n"]),
-                cell(r, "completion", ".2f"),
-                cell(r, "chat_seen", ".2f"),
-                cell(r, "chat_unseen", ".2f"),
-                cell(r, "ppl_change_pct", "+.2f"),
-                cell(r, "median_s_per_fact", ".2f"),
-                cell(r, "bytes_per_memory", ".0f"),
-                cell(r, "specificity", ".2f"),
-            )
+    for backend, result in by_backend.items():
+        for mode in modes:
+            for r in result[mode]["rows"]:
+                table.add_row(
+                    backend,
+                    mode,
+                    str(r["n"]),
+                    cell(r, "completion", ".2f"),
+                    cell(r, "chat_seen", ".2f"),
+                    cell(r, "chat_unseen", ".2f"),
+                    cell(r, "ppl_change_pct", "+.2f"),
+                    cell(r, "median_s_per_fact", ".2f"),
+                    cell(r, "bytes_per_memory", ".0f"),
+                    cell(r, "specificity", ".2f"),
+                )
     console.print(table)
     console.print(
         f"unchanged: fraction of {len(unrelated)} unrelated chat answers (first 10 tokens) "
         "identical to the unedited model's"
     )
+    for pair, by_mode in results.get("s_per_fact_ratio", {}).items():
+        ratios = ", ".join(f"{mode} {ratio:.2f}×" for mode, ratio in by_mode.items())
+        console.print(f"median seconds per fact, {pair} (one run, this machine): {ratios}")
 
     def plot(ax):
-        for mode in [m for m in modes if m != "single"]:
-            rows = results[mode]["rows"]
-            ax.plot(
-                [r["n"] for r in rows],
-                [r["completion"] for r in rows],
-                marker="o",
-                label=f"{mode}: completion",
-            )
-            ax.plot(
-                [r["n"] for r in rows],
-                [r["chat_seen"] for r in rows],
-                marker="x",
-                ls="--",
-                label=f"{mode}: chat",
-            )
+        for backend, result in by_backend.items():
+            label = f"{backend} " if len(by_backend) > 1 else ""
+            for mode in [m for m in modes if m != "single"]:
+                rows = result[mode]["rows"]
+                ax.plot(
+                    [r["n"] for r in rows],
+                    [r["completion"] for r in rows],
+                    marker="o",
+                    label=f"{label}{mode}: completion",
+                )
+                ax.plot(
+                    [r["n"] for r in rows],
+                    [r["chat_seen"] for r in rows],
+                    marker="x",
+                    ls="--",
+                    label=f"{label}{mode}: chat",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("facts injected (N)")
         ax.set_ylabel("recall")
