@@ -127,32 +127,51 @@ def test_a_quantised_layer_is_dequantised_before_its_first_edit(checkpoint):
     assert torch.isfinite(backend.model(input_ids=x.to(backend._device)).logits).all()
 
 
-def test_a_folder_written_through_the_bf16_path_opens_on_cpu_torch_and_mlx(checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def written_in_bf16(checkpoint, tmp_path_factory):
+    """A state folder written through the bf16 path: (folder, fingerprint, ids, edited weights)."""
     writer = TorchBackend.from_folder(checkpoint, DEVICE, edit_layers=EDIT, dtype=torch.bfloat16)
     assert writer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    engine = _engine(writer, checkpoint, tmp_path / "state")
+    state = tmp_path_factory.mktemp("bf16-state") / "state"
+    engine = _engine(writer, checkpoint, state)
     engine.remember(FACTS)
-    fingerprint, written = engine.fingerprint, engine.memories
+    written = (engine.fingerprint, [m.id for m in engine.memories])
     expected = {layer: writer.weight(layer) for layer in EDIT}
     engine.close()
+    return state, *written, expected
 
+
+def _copied(written_in_bf16, tmp_path):
     copy = tmp_path / "copied"
-    shutil.copytree(tmp_path / "state", copy)
+    shutil.copytree(written_in_bf16[0], copy)
+    return copy
+
+
+def test_a_folder_written_through_the_bf16_path_opens_on_cpu_torch(
+    checkpoint, written_in_bf16, tmp_path
+):
+    _, fingerprint, ids, expected = written_in_bf16
     reader = TorchBackend.from_folder(checkpoint, "cpu", edit_layers=EDIT)
     assert reader.model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
-    reopened = _engine(reader, checkpoint, copy)
+    reopened = _engine(reader, checkpoint, _copied(written_in_bf16, tmp_path))
     assert reopened.fingerprint == fingerprint
-    assert [m.id for m in reopened.memories] == [m.id for m in written]
+    assert [m.id for m in reopened.memories] == ids
     for layer in EDIT:  # W_base + Σ u v, whatever loaded it
         np.testing.assert_allclose(reader.weight(layer), expected[layer], atol=1e-5)
     reopened.close()
 
-    if importlib.util.find_spec("mlx_lm") is None:
-        pytest.skip("mlx-lm is not installed")
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("mlx_lm") is None,
+    reason="the MLX backend is an extra: pip install 'sleeptui[mlx]'",
+)
+def test_a_folder_written_through_the_bf16_path_opens_on_mlx(checkpoint, written_in_bf16, tmp_path):
     from sleeptui.backends.mlx_backend import MLXBackend
 
-    on_mlx = _engine(MLXBackend.from_folder(checkpoint), checkpoint, copy)
+    _, fingerprint, ids, expected = written_in_bf16
+    on_mlx = _engine(MLXBackend.from_folder(checkpoint), checkpoint, _copied(written_in_bf16, tmp_path))
     assert on_mlx.fingerprint == fingerprint
+    assert [m.id for m in on_mlx.memories] == ids
     for layer in EDIT:
         np.testing.assert_allclose(on_mlx.backend.weight(layer), expected[layer], atol=1e-5)
     on_mlx.close()
