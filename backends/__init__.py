@@ -125,6 +125,30 @@ class Backend(Protocol):
         """Replace the down_proj weight of ``layer`` (rollback, swapping in a sleep's result)."""
         ...
 
+    def params(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Float32 copies of any linear weights, by Hugging Face name (adapters, rollback)."""
+        ...
+
+    def set_params(self, weights: dict[str, np.ndarray]) -> None:
+        """Replace linear weights by name (a consolidation's rollback and commit)."""
+        ...
+
+    def add_low_rank_to(self, name: str, u: np.ndarray, v: np.ndarray, scale: float) -> None:
+        """W_name += scale · u @ v for any linear weight (how a LoRA adapter is applied)."""
+        ...
+
+    def train_lora(
+        self,
+        examples: Sequence[Rendering],
+        settings: object,
+        init: object | None = None,
+        progress: object | None = None,
+        cancel: threading.Event | None = None,
+    ) -> object:
+        """Train a LoRA adapter (peft) on the examples' target tokens; the model is left as
+        it was. Returns a :class:`sleeptui.adapter.Adapter` (``init`` warm-starts it)."""
+        ...
+
     def to_device(self, a: np.ndarray, layer: int) -> object:
         """``a`` as a float64 array where the MEMIT algebra of ``layer`` runs best: a NumPy
         array on the CPU, or a tensor on the GPU that holds the layer (see sleeptui.memit)."""

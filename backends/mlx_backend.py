@@ -58,6 +58,45 @@ class DownProj(nn.Module):
         return (x.astype(mx.float32) @ self.weight.T).astype(x.dtype)
 
 
+class LowRankBeside(nn.Module):
+    """A (quantised) linear layer with a low-rank term beside it: y = base(x) + x vᵀ uᵀ."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.u: mx.array | None = None  # (d_out, r)
+        self.v: mx.array | None = None  # (r, d_in)
+
+    def add(self, u: mx.array, v: mx.array) -> None:
+        self.u = u if self.u is None else mx.concatenate([self.u, u], axis=1)
+        self.v = v if self.v is None else mx.concatenate([self.v, v], axis=0)
+        mx.eval(self.u, self.v)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        if self.u is None:
+            return y
+        return y + ((x.astype(mx.float32) @ self.v.T) @ self.u.T).astype(y.dtype)
+
+
+def _dense(mod: nn.Module) -> mx.array:
+    """A linear module's effective weight in float32."""
+    if isinstance(mod, LowRankBeside):
+        w = _dense(mod.base)
+        return w if mod.u is None else w + mod.u @ mod.v
+    if isinstance(mod, nn.QuantizedLinear):
+        biases = mod.get("biases")
+        return mx.dequantize(
+            mod.weight,
+            mod.scales.astype(mx.float32),
+            None if biases is None else biases.astype(mx.float32),
+            group_size=mod.group_size,
+            bits=mod.bits,
+            mode=mod.mode,
+        )
+    return mod.weight.astype(mx.float32)
+
+
 class MLXBackend:
     """A loaded mlx-lm model and its tokenizer; see :class:`sleeptui.backends.Backend`.
 
@@ -305,6 +344,47 @@ class MLXBackend:
         mod.weight = mx.array(np.asarray(w, np.float32))
         mx.eval(mod.weight)
 
+    def params(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named weights as float32 (a quantised module's dequantised, plus any low-rank
+        term kept beside it)."""
+        return {name: np.array(_dense(self._module(name))) for name in names}
+
+    def set_params(self, weights: dict[str, np.ndarray]) -> None:
+        for name, w in weights.items():
+            mod = self._module(name)
+            if isinstance(mod, DownProj):
+                mod.weight = mx.array(np.asarray(w, np.float32))
+                mx.eval(mod.weight)
+            else:
+                linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                linear.weight = mx.array(np.asarray(w, np.float32))
+                mx.eval(linear.weight)
+                self._replace(name, linear)
+
+    def add_low_rank_to(self, name: str, u: np.ndarray, v: np.ndarray, scale: float) -> None:
+        """W_name += scale · u @ v: fused into float weights; beside a quantised module, which
+        stays quantised (y = base(x) + x vᵀ uᵀ, the way LoRA layers compute)."""
+        mod = self._module(name)
+        tu = mx.array(np.asarray(u, np.float32) * np.float32(scale))
+        tv = mx.array(np.asarray(v, np.float32))
+        if isinstance(mod, DownProj | nn.Linear):
+            mod.weight = mod.weight + (tu @ tv).astype(mod.weight.dtype)
+            mx.eval(mod.weight)
+            return
+        if not isinstance(mod, LowRankBeside):
+            mod = LowRankBeside(mod)
+            self._replace(name, mod)
+        mod.add(tu, tv)
+
+    def train_lora(self, *args, **kwargs):
+        from sleeptui.errors import SleeptuiError
+
+        raise SleeptuiError(
+            "Consolidation trains its LoRA adapter with peft, on the torch backend; the MLX "
+            "backend applies adapters but does not train them yet. Run the nap or sleep with "
+            "--backend torch on this folder (the folder is the same for both)."
+        )
+
     def to_device(self, a: np.ndarray, layer: int) -> np.ndarray:
         """MLX has no float64 on the GPU: the MEMIT algebra runs in NumPy."""
         return np.asarray(a, dtype=np.float64)
@@ -319,6 +399,19 @@ class MLXBackend:
         return MLXBackend(copy.deepcopy(self.model, memo), self.tok, self.info.source, self.eos_ids)
 
     # -- internals ---------------------------------------------------------------
+
+    def _module(self, name: str) -> nn.Module:
+        mod = self.model
+        try:
+            for part in name.removesuffix(".weight").split("."):
+                mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        except (AttributeError, IndexError, KeyError) as e:
+            raise ValueError(f"the model has no weight {name!r}") from e
+        return mod
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        setattr(self._module(parent), child, new)
 
     def _down_proj(self, layer: int) -> DownProj:
         return self.model.layers[layer].mlp.down_proj
@@ -559,19 +652,7 @@ def _float32_down_proj(model: nn.Module) -> None:
             continue
         if "bias" in old:
             raise ValueError("The MLX backend edits down-projections without a bias only.")
-        if isinstance(old, nn.QuantizedLinear):
-            biases = old.get("biases")
-            w = mx.dequantize(
-                old.weight,
-                old.scales.astype(mx.float32),
-                None if biases is None else biases.astype(mx.float32),
-                group_size=old.group_size,
-                bits=old.bits,
-                mode=old.mode,
-            )
-        else:
-            w = old.weight
-        block.mlp.down_proj = DownProj(w)
+        block.mlp.down_proj = DownProj(_dense(old))
 
 
 def _save_tokenizer(gguf: Path, folder: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sleeptui.backends import ModelInfo, ShiftProblem, ShiftResult
+from sleeptui.backends import ModelInfo, Rendering, ShiftProblem, ShiftResult
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # Models up to this many bytes of weights are copied for sleep; larger ones sleep in place.
@@ -290,6 +290,112 @@ class TorchBackend:
         target = self._editable(layer).weight
         target.copy_(torch.as_tensor(w, dtype=torch.float32, device=target.device))
 
+    def params(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Copies of the named weights (Hugging Face names), as float32."""
+        out = {}
+        for name in names:
+            mod = self._module(name)
+            w = _dequantised(mod) if _is_4bit(mod) else mod.weight.detach()
+            out[name] = w.to("cpu", torch.float32, copy=True).numpy()
+        return out
+
+    @torch.no_grad()
+    def set_params(self, weights: dict[str, np.ndarray]) -> None:
+        for name, w in weights.items():
+            target = self._plain(name).weight
+            target.copy_(torch.as_tensor(w, device=target.device).to(target.dtype))
+
+    @torch.no_grad()
+    def add_low_rank_to(self, name: str, u: np.ndarray, v: np.ndarray, scale: float) -> None:
+        """W_name += scale · u @ v for any linear weight (adapters); fused into the weight."""
+        w = self._plain(name).weight
+        tu = torch.as_tensor(u, dtype=torch.float32, device=w.device)
+        tv = torch.as_tensor(v, dtype=torch.float32, device=w.device)
+        w.add_((scale * (tu @ tv)).to(w.dtype))
+
+    def train_lora(
+        self,
+        examples: Sequence[Rendering],
+        settings,
+        init=None,
+        progress=None,
+        cancel: threading.Event | None = None,
+    ):
+        """Train a LoRA adapter with peft on ``examples`` (loss on their target positions).
+
+        The adapter is injected into the model for the training only and taken out again
+        (unmerged) before this returns, whatever happens; ``init`` (an Adapter) warm-starts it.
+        Returns the trained :class:`sleeptui.adapter.Adapter`.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        from sleeptui.adapter import Adapter
+
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            target_modules=list(settings.targets),
+            layers_to_transform=list(settings.layers) or None,
+            lora_dropout=0.0,
+            bias="none",
+        )
+        peft_model = get_peft_model(self.model, config)
+        try:
+            lora = {
+                name.removeprefix("base_model.model.").replace(".default", ""): p
+                for name, p in peft_model.named_parameters()
+                if ".lora_" in name
+            }
+            if init is not None:
+                with torch.no_grad():
+                    for module in init.a:
+                        lora[f"{module}.lora_A.weight"].copy_(torch.as_tensor(init.a[module]))
+                        lora[f"{module}.lora_B.weight"].copy_(torch.as_tensor(init.b[module]))
+            params = list(lora.values())
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, foreach=False)
+            gen = torch.Generator().manual_seed(settings.seed)
+            bs = settings.batch_size
+            steps = settings.epochs * -(-len(examples) // bs)
+            step = 0
+            self.model.train()
+            for _ in range(settings.epochs):
+                order = torch.randperm(len(examples), generator=gen).tolist()
+                for start in range(0, len(order), bs):
+                    if cancel is not None and cancel.is_set():
+                        from sleeptui.sleep import Cancelled
+
+                        raise Cancelled
+                    loss = self._target_loss([examples[i] for i in order[start : start + bs]])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    if progress:
+                        progress(step, steps, loss.item())
+            a, b = {}, {}
+            for key, p in lora.items():
+                module, part = key.rsplit(".lora_", 1)
+                (a if part.startswith("A") else b)[module] = p.detach().float().cpu().numpy()
+            return Adapter(r=settings.r, alpha=settings.alpha, a=a, b=b)
+        finally:
+            self.model.eval()
+            self.model = peft_model.unload()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def _target_loss(self, batch: Sequence[Rendering]) -> torch.Tensor:
+        """Mean NLL of the batch's target tokens; the LM head runs only where it is read."""
+        ids, mask = _pad([r.ids for r in batch], self.pad_id, left=False, device=self._device)
+        rows = [i for i, r in enumerate(batch) for _ in r.target_positions]
+        cols = [p for r in batch for p in r.target_positions]
+        h = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows_t = torch.tensor(rows, device=self._device)
+        cols_t = torch.tensor(cols, device=self._device)
+        logits = self.model.lm_head(h[rows_t, cols_t - 1]).float()
+        return torch.nn.functional.cross_entropy(logits, ids[rows_t, cols_t])
+
     def to_device(self, a, layer: int):
         """``a`` in float64 where the MEMIT algebra of ``layer`` runs: NumPy when the layer is
         on the CPU, a tensor on its GPU otherwise (see :mod:`sleeptui.memit`)."""
@@ -317,6 +423,33 @@ class TorchBackend:
 
     def _down_proj(self, layer: int) -> torch.nn.Module:
         return self.model.model.layers[layer].mlp.down_proj
+
+    def _module(self, name: str) -> torch.nn.Module:
+        try:
+            return self.model.get_submodule(name.removesuffix(".weight"))
+        except AttributeError as e:
+            raise ValueError(f"the model has no weight {name!r}") from e
+
+    def _plain(self, name: str) -> torch.nn.Module:
+        """The module of weight ``name``, dequantised to a plain Linear if it is 4-bit (the
+        edit layers' down_proj: :meth:`_editable`)."""
+        path = name.removesuffix(".weight")
+        for layer in range(self.info.n_layers):
+            if path == _down_proj_path(layer):
+                return self._editable(layer)
+        mod = self._module(name)
+        if _is_4bit(mod):
+            dtype = getattr(mod, "compute_dtype", None) or torch.bfloat16
+            plain = torch.nn.Linear(
+                mod.in_features, mod.out_features, bias=False, device=mod.weight.device, dtype=dtype
+            )
+            plain.weight.requires_grad_(False)
+            plain.weight.copy_(_dequantised(mod).to(dtype))
+            _copy_accelerate_hook(mod, plain)
+            parent, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, plain)
+            mod = plain
+        return mod
 
     def _editable(self, layer: int) -> torch.nn.Module:
         """The layer's down_proj, made float32 (dequantised if 4-bit) before its first edit.

@@ -33,6 +33,8 @@ LEDGER = "ledger.json"
 _MANIFEST = re.compile(r"manifest\.([1-9][0-9]{0,17})\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ADAPTER = re.compile(r"adapters/[0-9a-f]{16}")
+ADAPTERS = "adapters"
 
 
 def sha256(data: bytes) -> str:
@@ -64,9 +66,12 @@ class Manifest:
     generation: int
     ledger: str
     deltas: Mapping[str, str] = field(default_factory=dict)
+    adapter: str | None = None
 
     def to_json(self) -> bytes:
         doc = {"generation": self.generation, "ledger": self.ledger, "deltas": dict(self.deltas)}
+        if self.adapter:
+            doc["adapter"] = self.adapter
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -88,7 +93,10 @@ class Manifest:
             for k, v in deltas.items()
         ):
             raise ValueError("not a manifest (delta checksums)")
-        return cls(generation, ledger, deltas)
+        adapter = doc.get("adapter")
+        if adapter is not None and not (isinstance(adapter, str) and _ADAPTER.fullmatch(adapter)):
+            raise ValueError("not a manifest (adapter path)")
+        return cls(generation, ledger, deltas, adapter)
 
 
 def manifests(root: Path) -> tuple[list[Manifest], list[str]]:
@@ -132,9 +140,17 @@ def rotated_out(root: Path, kept: Iterable[Manifest]) -> list[str]:
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     if (folder / "deltas").is_dir():
         files += [p for p in (folder / "deltas").iterdir() if p.is_file()]
-    return sorted(
+    stale = sorted(
         name for p in files if (name := p.relative_to(root).as_posix()) not in needed
     )
+    # Adapters are named by content and never rewritten: one stays while a kept generation
+    # names it, and then goes (with the facts it was trained on).
+    adapters = {m.adapter for m in kept if m.adapter}
+    folder = root / ADAPTERS
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if sub.is_dir() and f"{ADAPTERS}/{sub.name}" not in adapters:
+            stale += [f"{ADAPTERS}/{sub.name}/{p.name}" for p in sorted(sub.iterdir()) if p.is_file()]
+    return stale
 
 
 def stage(
@@ -144,6 +160,7 @@ def stage(
     ledger: Ledger,
     writes: dict[str, Factors],
     removed: set[str],
+    adapter_files: Mapping[str, bytes] | None = None,
 ) -> Manifest:
     """Stage in ``txn`` a commit of ``ledger`` over ``committed`` (whose generation is
     ``manifest``, if known): new deltas, their copies, the ledger, its generation and the
@@ -168,8 +185,14 @@ def stage(
             digest = _carried_digest(txn, memory, manifest)
             if digest:
                 digests[memory.id] = digest
+    if adapter_files:
+        if ledger.adapter is None:
+            raise ValueError("commit writes adapter files, but the ledger names no adapter")
+        for name, blob in adapter_files.items():
+            txn.write(f"{ledger.adapter.path}/{name}", blob)
     data = ledger.to_json().encode()
-    new = Manifest(newest_generation(root) + 1, sha256(data), digests)
+    adapter = ledger.adapter.path if ledger.adapter else None
+    new = Manifest(newest_generation(root) + 1, sha256(data), digests, adapter)
     txn.write(ledger_name(new.generation), data)
     txn.write(manifest_name(new.generation), new.to_json())
     txn.write(LEDGER, data)

@@ -1,4 +1,4 @@
-"""The headless command line: ``sleeptui remember | ask | complete | memories | sleep | forget``.
+"""The headless command line: ``sleeptui remember | ask | complete | memories | sleep | nap | forget``.
 
 With no subcommand, ``sleeptui`` opens the chat app.
 """
@@ -67,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--cycles", type=int, default=1)
     g.add_argument("--until-converged", action="store_true")
+    s.add_argument(
+        "--consolidate",
+        action="store_true",
+        help="after the cycles, move facts that are due into the LoRA adapter (deep sleep)",
+    )
     s.add_argument("--json", action="store_true")
+
+    n = sub.add_parser("nap", help="a quick consolidation: one short pass of the LoRA adapter")
+    n.add_argument("--json", action="store_true")
 
     f = sub.add_parser("forget", help="remove a memory, whatever its stage, and check it is gone")
     f.add_argument("target", help="a memory id or a subject")
@@ -132,6 +140,8 @@ def _run(args: argparse.Namespace) -> int:
             _print_memories(engine, args)
         elif args.command == "sleep":
             _sleep(engine, args)
+        elif args.command == "nap":
+            _print_consolidations([engine.consolidate("nap", engine.progress)], args.json)
         elif args.command == "forget":
             return _forget(engine, args)
     return 0
@@ -166,7 +176,7 @@ def _engine(args: argparse.Namespace):
         )
     try:
         engine.progress = None
-        if args.command in ("remember", "sleep", "forget"):
+        if args.command in ("remember", "sleep", "nap", "forget"):
             with _progress() as report:
                 engine.progress = report
                 yield engine
@@ -200,10 +210,18 @@ def _progress():
 
 
 def _sleep_if_due(engine) -> None:
+    """Sleep when pressure crosses the threshold; with the preset's ``consolidate`` switch,
+    nap at the lower threshold and consolidate after a sleep."""
     p = engine.pressure()
+    auto = engine.sleep_cfg.consolidate
     if p.due:
         err.print(f"sleep pressure {p.value:.2f} ≥ {p.threshold:.2f}: sleeping now")
         _print_reports([engine.sleep(progress=engine.progress)])
+        if auto:
+            _print_consolidations([engine.consolidate("sleep", engine.progress)], False)
+    elif auto and p.total and p.value >= p.nap_threshold:
+        err.print(f"sleep pressure {p.value:.2f} ≥ {p.nap_threshold:.2f}: napping now")
+        _print_consolidations([engine.consolidate("nap", engine.progress)], False)
 
 
 def _sleep(engine, args: argparse.Namespace) -> None:
@@ -213,10 +231,43 @@ def _sleep(engine, args: argparse.Namespace) -> None:
         reports = [
             engine.sleep(progress=engine.progress, cycle=c) for c in range(1, args.cycles + 1)
         ]
+    consolidations = [engine.consolidate("sleep", engine.progress)] if args.consolidate else []
     if args.json:
-        out.print_json(json.dumps([asdict(r) | {"ppl_change": r.ppl_change} for r in reports]))
+        doc = [asdict(r) | {"ppl_change": r.ppl_change} for r in reports]
+        if args.consolidate:
+            doc = {"cycles": doc, "consolidation": [_consolidation_doc(r) for r in consolidations]}
+        out.print_json(json.dumps(doc))
     else:
         _print_reports(reports)
+        if consolidations:
+            _print_consolidations(consolidations, False)
+
+
+def _consolidation_doc(r) -> dict:
+    return asdict(r) | {"ppl_change": r.ppl_change}
+
+
+def _print_consolidations(reports, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps([_consolidation_doc(r) for r in reports]))
+        return
+    table = Table(title="consolidation (MEMIT scale of each fact: 1.0 → 0.5 → 0.1 → 0.0)")
+    for col in ("kind", "due", "advanced", "1.0", "0.5", "0.1", "0.0", "recall", "chat", "ΔPPL", "s", ""):
+        table.add_column(col, justify="right")
+    for r in reports:
+        note = f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)" if r.rolled_back else ""
+        table.add_row(
+            r.kind,
+            str(r.due),
+            str(r.advanced),
+            *(str(r.stages[k]) for k in ("1.0", "0.5", "0.1", "0.0")),
+            f"{r.recall:.2f}",
+            f"{r.chat_recall:.2f}",
+            f"{100 * r.ppl_change:+.2f}%",
+            f"{r.seconds:.1f}",
+            note,
+        )
+    out.print(table)
 
 
 def _print_reports(reports) -> None:
@@ -284,7 +335,7 @@ def _forget(engine, args: argparse.Namespace) -> int:
         ).lower() not in ("y", "yes"):
             out.print("nothing forgotten")
             return 1
-    reports = [engine.forget(m.id) for m in matches]
+    reports = engine.forget_many([m.id for m in matches])
     if args.json:
         out.print_json(
             json.dumps(

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sleeptui import covariance, memit
+from sleeptui import consolidate, covariance, memit
+from sleeptui.adapter import Adapter, LoraSettings
 from sleeptui.backends import Backend
 from sleeptui.facts import Fact
 from sleeptui.ledger import Ledger, Memory, Recall, now
-from sleeptui.models import ModelSource, default_layers, resolve
+from sleeptui.models import ModelSource, default_layers, default_lora_layers, resolve
 from sleeptui.paths import cache_dir, state_dir
 from sleeptui.presets import EditConfig, SleepConfig
 from sleeptui.sleep import Pressure, SleepReport, pressure, run_cycle
@@ -126,6 +127,11 @@ class Engine:
         layers = source.preset.edit.layers or default_layers(backend.info.n_layers)
         self.cfg: EditConfig = replace(source.preset.edit, layers=layers)
         self.sleep_cfg: SleepConfig = source.preset.sleep
+        lora = source.preset.lora
+        self.lora: LoraSettings = replace(
+            lora, layers=lora.layers or default_lora_layers(backend.info.n_layers)
+        )
+        self.adapter: Adapter | None = None
         # Generation and weight swaps take _weights; mutating operations take _writer.
         self._weights = threading.RLock()
         self._writer = threading.RLock()
@@ -224,30 +230,52 @@ class Engine:
         ]
 
     def forget(self, memory_id: str) -> ForgetReport:
-        """Remove one memory: revert its delta, drop its entry and file, repair the others.
+        """Remove one memory; see :meth:`forget_many`."""
+        return self.forget_many([memory_id])[0]
 
-        The healthy memories are audited again afterwards; any that the removal broke are
-        refreshed under constraints. The report says whether the model still says the object.
+    def forget_many(self, memory_ids: Sequence[str]) -> list[ForgetReport]:
+        """Remove memories at any stage, in one commit, and check that they are gone.
+
+        Each memory's delta is reverted and its entry and file dropped. If the consolidation
+        adapter was trained on any of them, it is retrained from the ledger without them (its
+        other facts held alone, as in a consolidation) and replaces the old one in the same
+        commit. The remaining memories are audited again afterwards; any that the removal
+        broke are rewritten under constraints. Each report says whether the model still says
+        that memory's object.
         """
-        with self._writer:
-            memory = self.ledger.get(memory_id)
-            if memory is None:
-                from sleeptui.errors import UnknownMemory
+        from sleeptui.errors import UnknownMemory
 
-                raise UnknownMemory(f"No memory has the id {memory_id!r}; see `sleeptui memories`.")
-            others = tuple(m for m in self.memories if m.id != memory_id and m.scale > 0)
+        with self._writer:
+            memories = []
+            for memory_id in dict.fromkeys(memory_ids):
+                memory = self.ledger.get(memory_id)
+                if memory is None:
+                    raise UnknownMemory(
+                        f"No memory has the id {memory_id!r}; see `sleeptui memories`."
+                    )
+                memories.append(memory)
+            ids = {m.id for m in memories}
+            others = tuple(m for m in consolidate.living(self.ledger) if m.id not in ids)
             before = self.check(others)
+            retrain = self.ledger.adapter is not None and bool(ids & set(self.ledger.adapter.facts))
             with self._weights:
-                self.revert(memory)
-                ledger = self.ledger.without({memory_id})
+                snapshot = self.snapshot(adapter=retrain)
                 try:
-                    self.folder.commit(ledger, {}, removes=[memory_id])
+                    for memory in memories:
+                        self.revert(memory)
+                    ledger = self.ledger.without(ids)
+                    files = None
+                    if retrain:
+                        ledger = self._retrain_adapter(ledger)
+                        files = self.adapter_files(self.adapter) if self.adapter else None
+                    self.folder.commit(ledger, {}, removes=sorted(ids), adapter_files=files)
                 except BaseException:
-                    self._apply(memory, self._factors[memory_id], memory.scale)
+                    self.restore(snapshot)
                     raise
                 self.ledger = ledger
-                self._factors.pop(memory_id, None)
-                self._keys.pop(memory_id, None)
+                for memory_id in ids:
+                    self._factors.pop(memory_id, None)
+                    self._keys.pop(memory_id, None)
             after = self.check(others)
             broken = [
                 m
@@ -255,13 +283,45 @@ class Engine:
                 if b.completion and not a.completion
             ]
             if broken:
-                self._repair(broken, [m for m in others if m not in broken])
-            answer = self.complete(memory.prompt)
-            chat = "".join(self.ask(memory.questions[0])) if memory.questions else ""
-            said = _says(answer, memory.object) or _says(chat, memory.object)
-            return ForgetReport(
-                memory=memory, verified=not said, answer_after=answer, repaired=len(broken)
-            )
+                self._repair(broken, [m for m in others if m not in broken and m.scale > 0])
+            reports = []
+            for memory in memories:
+                answer = self.complete(memory.prompt)
+                chat = "".join(self.ask(memory.questions[0])) if memory.questions else ""
+                said = _says(answer, memory.object) or _says(chat, memory.object)
+                reports.append(
+                    ForgetReport(
+                        memory=memory, verified=not said, answer_after=answer, repaired=len(broken)
+                    )
+                )
+            return reports
+
+    def _retrain_adapter(self, ledger: Ledger) -> Ledger:
+        """Train the adapter afresh on the facts it held that ``ledger`` still has; the old
+        one, and whatever it learnt of the others, is gone. Returns ``ledger`` naming it."""
+        keep = consolidate.held(replace(self.ledger, memories=ledger.memories))
+        if not keep:
+            self.set_adapter(None)
+            return replace(ledger, adapter=None)
+        general = consolidate.replay(self, self.lora.replay_samples, self.lora.seed)
+        for m in keep:
+            self.revert(m)
+        self.set_adapter(None)
+        adapter, _ = consolidate.train(
+            self,
+            keep,
+            general,
+            self.lora.epochs,
+            None,
+            lambda stage, i, n: self._step("retrain adapter", i, n),
+            None,
+        )
+        self.set_adapter(adapter)
+        for m in keep:
+            self.apply_scale(m, m.scale)
+        files = self.adapter_files(adapter)
+        record = consolidate.adapter_record(files, keep)
+        return replace(ledger, adapter=record)
 
     def _repair(self, broken: list[Memory], healthy: list[Memory]) -> None:
         """Refresh memories a removal broke, protecting the healthy ones, in one commit."""
@@ -273,6 +333,8 @@ class Engine:
                 new = refresh(self, broken, healthy, None, None)
                 ledger = self.ledger
                 for m in broken:
+                    # The rewrite holds the fact whole again, whatever its stage was.
+                    m = replace(m, scale=1.0, stage="wake")
                     ledger = ledger.upsert(m.with_event("refreshed", reason="repair after forget"))
                 self.commit_cycle(ledger, new, [], snapshot)
             except BaseException:
@@ -292,11 +354,7 @@ class Engine:
             report = run_cycle(shadow, cycle, progress, cancel)
             self._last_ppl = report.ppl_after
             if shadow is not self and not report.rolled_back:
-                with self._weights:
-                    for layer in self.cfg.layers:
-                        self.backend.set_weight(layer, shadow.backend.weight(layer))
-                    self.ledger = shadow.ledger
-                    self._factors, self._keys = shadow._factors, shadow._keys
+                self._adopt(shadow)
             return report
 
     def sleep_until_converged(
@@ -326,20 +384,100 @@ class Engine:
 
     # -- the engine's own weights, for sleep and forget ----------------------------------
 
-    def snapshot(self) -> dict:
-        """Everything a rollback restores: the edited layers, factors and keys."""
+    def snapshot(self, adapter: bool = False) -> dict:
+        """Everything a rollback restores: the edited layers, factors and keys, and with
+        ``adapter`` the weights the adapter acts on."""
+        names = self.adapter_weight_names() if adapter else []
         return {
             "weights": {layer: self.backend.weight(layer) for layer in self.cfg.layers},
+            "params": self.backend.params(names),
+            "adapter": self.adapter,
             "factors": dict(self._factors),
             "keys": dict(self._keys),
             "ledger": self.ledger,
         }
 
     def restore(self, snapshot: dict) -> None:
+        self.backend.set_params(snapshot["params"])
         for layer, w in snapshot["weights"].items():
             self.backend.set_weight(layer, w)
+        self.adapter = snapshot["adapter"]
         self._factors, self._keys = dict(snapshot["factors"]), dict(snapshot["keys"])
         self.ledger = snapshot["ledger"]
+
+    # -- the consolidation adapter ----------------------------------------------------
+
+    def adapter_weight_names(self) -> list[str]:
+        names = set(consolidate.weight_names(self.lora, self.backend.info.n_layers))
+        if self.adapter is not None:
+            names |= set(self.adapter.factors())
+        return sorted(names)
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Swap the adapter fused into the weights (None: take it out)."""
+        if self.adapter is not None:
+            for name, (u, v) in self.adapter.factors().items():
+                self.backend.add_low_rank_to(name, u, v, -1.0)
+        if adapter is not None:
+            for name, (u, v) in adapter.factors().items():
+                self.backend.add_low_rank_to(name, u, v, 1.0)
+        self.adapter = adapter
+
+    def apply_scale(self, memory: Memory, scale: float, current: float | None = None) -> None:
+        """Move a memory's delta in the weights from ``current`` (its scale, or 0 after a
+        revert when ``current`` is None and it was reverted) to ``scale``."""
+        factors = self._factors.get(memory.id)
+        if factors:
+            self._apply(memory, factors, scale - (0.0 if current is None else current))
+
+    def adapter_files(self, adapter: Adapter) -> dict[str, bytes]:
+        base = self.source.preset.repo_id or self.source.preset.name
+        return adapter.files(base, self.lora)
+
+    def commit_consolidation(self, ledger: Ledger, adapter: Adapter | None, snapshot: dict) -> None:
+        """Commit a consolidation's ledger and adapter (deltas that reached 0.0 go), or
+        restore ``snapshot``."""
+        gone = [
+            m.id
+            for m in ledger.memories
+            if m.scale == 0 and (old := self.ledger.get(m.id)) is not None and old.scale > 0
+        ]
+        files = self.adapter_files(adapter) if adapter is not None else None
+        try:
+            self.folder.commit(ledger, {}, removes=gone, adapter_files=files)
+        except BaseException:
+            self.restore(snapshot)
+            raise
+        self.ledger = ledger
+        for memory_id in gone:
+            self._factors.pop(memory_id, None)
+            self._keys.pop(memory_id, None)
+
+    def consolidate(
+        self,
+        kind: str = "nap",
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        cycle: int = 1,
+    ) -> consolidate.ConsolidationReport:
+        """A nap (``kind="nap"``: one short pass) or a deep-sleep consolidation, on a copy of
+        the model that is swapped in when it commits (see :mod:`sleeptui.consolidate`)."""
+        with self._writer:
+            shadow = self._shadow()
+            report = consolidate.run(shadow, kind, cycle, progress, cancel)
+            if shadow is not self and not report.rolled_back:
+                self._adopt(shadow, shadow.adapter_weight_names())
+            return report
+
+    def _adopt(self, shadow: Engine, names: Sequence[str] = ()) -> None:
+        """Take over a shadow's committed weights, ledger, factors, keys and adapter."""
+        with self._weights:
+            for layer in self.cfg.layers:
+                self.backend.set_weight(layer, shadow.backend.weight(layer))
+            self.backend.set_params(shadow.backend.params(names))
+            self.ledger = shadow.ledger
+            self._factors, self._keys = shadow._factors, shadow._keys
+            self.adapter = shadow.adapter
 
     def revert(self, memory: Memory) -> None:
         """Take a memory's delta out of the weights (its factors stay known until commit)."""
@@ -452,6 +590,18 @@ class Engine:
             factors = self.folder.read_delta(memory, self.shapes)
             self._factors[memory.id] = factors
             self._apply(memory, factors, memory.scale)
+        files = self.folder.read_adapter(self.ledger)
+        if files is not None:
+            from sleeptui.errors import StateError
+
+            adapter = Adapter.from_files(files, str(self.folder.root / self.ledger.adapter.path))
+            try:
+                self.set_adapter(adapter)
+            except (ValueError, RuntimeError) as e:
+                raise StateError(
+                    f"The adapter in {self.folder.root / self.ledger.adapter.path} does not fit "
+                    f"this model ({e}); nothing was changed."
+                ) from e
 
     def _step(self, stage: str, i: int, n: int) -> None:
         if self.progress:

@@ -74,6 +74,10 @@ def apply(root: Path) -> None:
             os.replace(src, dest)
     for target in deletes:
         (root / target).unlink(missing_ok=True)
+    for target in deletes:  # an adapter's folder goes with its last file
+        folder = (root / target).parent
+        if target.startswith("adapters/") and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     for folder in {(root / t).parent for t in [*moves.values(), *deletes]} | {root}:
         if folder.is_dir():
             fsync_dir(folder)

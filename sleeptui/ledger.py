@@ -15,10 +15,12 @@ from sleeptui.errors import StateError
 from sleeptui.facts import Fact
 from sleeptui.state_schema.upgrades import upgrade
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The ledger schema this version writes; older ones are upgraded when read."""
 IDENTIFIER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DELTA_PATH = re.compile(r"deltas/[A-Za-z0-9_-]{1,64}\.safetensors")
+ADAPTER_PATH = re.compile(r"adapters/[0-9a-f]{16}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 T = TypeVar("T")
 STAGES = ("wake", "consolidating", "consolidated")
@@ -108,12 +110,30 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class AdapterRecord:
+    """The LoRA adapter that consolidation trained, in peft's format.
+
+    Attributes:
+        path: Its folder, ``adapters/<16 hex digits of its weights' SHA-256>``.
+        files: SHA-256 of each of its two files, by name.
+        facts: Ids of the memories it was trained to hold.
+        trained_at: When it was trained.
+    """
+
+    path: str
+    files: dict[str, str]
+    facts: tuple[str, ...]
+    trained_at: str
+
+
+@dataclass(frozen=True)
 class Ledger:
     """The whole ledger document.
 
     Attributes:
         last_sleep_at: When the last sleep cycle committed (None before the first).
         ppl_base: Perplexity of the held-out text measured before the first edit.
+        adapter: The consolidation adapter, once one has been trained.
     """
 
     fingerprint: str
@@ -121,6 +141,7 @@ class Ledger:
     memories: tuple[Memory, ...] = ()
     last_sleep_at: str | None = None
     ppl_base: float | None = None
+    adapter: AdapterRecord | None = None
 
     def get(self, memory_id: str) -> Memory | None:
         return next((m for m in self.memories if m.id == memory_id), None)
@@ -141,6 +162,7 @@ class Ledger:
             "model": self.model,
             "last_sleep_at": self.last_sleep_at,
             "ppl_base": self.ppl_base,
+            "adapter": asdict(self.adapter) if self.adapter else None,
             "memories": [asdict(m) for m in self.memories],
         }
         return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
@@ -180,6 +202,7 @@ class Ledger:
                 memories=memories,
                 last_sleep_at=_optional(doc.get("last_sleep_at"), _text),
                 ppl_base=_optional(doc.get("ppl_base"), _number),
+                adapter=_optional(doc.get("adapter"), _adapter),
             )
         except (KeyError, TypeError, ValueError) as e:
             what = f"the field {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e)
@@ -216,6 +239,29 @@ def _memory(d: Any) -> Memory:
     if not 0 <= memory.scale <= 1:
         raise ValueError(f"scale {memory.scale} of {memory.id} is not between 0 and 1")
     return memory
+
+
+def _adapter(d: Any) -> AdapterRecord:
+    if not isinstance(d, dict):
+        raise TypeError(f"adapter must be an object, got {type(d).__name__}")
+    files = d["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and SHA256.fullmatch(v) for k, v in files.items()
+    ):
+        raise ValueError("the adapter's files must map names to SHA-256 checksums")
+    from sleeptui.adapter import FILES
+
+    if sorted(files) != sorted(FILES):
+        raise ValueError(f"the adapter must list exactly the files {', '.join(FILES)}")
+    path = _text(d["path"])
+    if not ADAPTER_PATH.fullmatch(path):
+        raise ValueError(f"adapter path {path!r} is not adapters/<16 hex digits>")
+    return AdapterRecord(
+        path=path,
+        files=dict(files),
+        facts=tuple(_identifier(i) for i in _list(d["facts"])),
+        trained_at=_text(d["trained_at"]),
+    )
 
 
 def _recall(d: Any) -> Recall:

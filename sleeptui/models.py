@@ -98,6 +98,12 @@ def _generic_preset(path: Path) -> Preset:
     return Preset(name=path.name, edit=EditConfig(layers=()))
 
 
+def default_lora_layers(n_layers: int) -> tuple[int, ...]:
+    """Adapter layers when the preset names none: eight (the papers' count) from ⅛ depth."""
+    start = n_layers // 8
+    return tuple(range(start, min(n_layers, start + 8)))
+
+
 def default_layers(n_layers: int) -> tuple[int, ...]:
     """Edit layers for a model with no preset: the papers' early-middle band (≈ 0.28–0.5 depth)."""
     start = max(1, round(n_layers * 0.28))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from sleeptui.adapter import LoraSettings
+
 
 @dataclass(frozen=True)
 class EditConfig:
@@ -74,6 +76,10 @@ class SleepConfig:
         prune_after: A memory that failed this many refreshes in a row is pruned (its delta
             removed, its entry kept and marked), never one that still recalls.
         max_cycles: The most cycles ``--until-converged`` runs.
+        consolidate: Automatic consolidation: a nap when pressure crosses ``nap_threshold``,
+            and a consolidation after each automatic sleep (off by default: on a CPU a
+            consolidation takes minutes; ``sleeptui nap`` and ``sleep --consolidate`` run it
+            by hand).
     """
 
     threshold: float = 0.8
@@ -88,6 +94,7 @@ class SleepConfig:
     ppl_tolerance: float = 0.01
     prune_after: int = 3
     max_cycles: int = 10
+    consolidate: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,9 @@ class Preset:
         gguf_file: The GGUF file's name inside that package or folder.
         edit: MEMIT hyperparameters.
         load_4bit: Load with bitsandbytes NF4 by default (CUDA only).
+        sleep: Sleep pressure and maintenance settings.
+        lora: How consolidation trains its adapter (the papers' rank 16, α 32, 8 layers,
+            1e-4 for the large models).
     """
 
     name: str
@@ -110,6 +120,7 @@ class Preset:
     gguf_file: str | None = None
     load_4bit: bool = False
     sleep: SleepConfig = field(default_factory=SleepConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 

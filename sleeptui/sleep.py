@@ -181,7 +181,10 @@ def _updated_ledger(
     for memory, first, last in zip(active, before, after, strict=True):
         m = memory.with_event("audited", completion=first.completion, chat=first.chat)
         if memory.id in refreshed:
-            m = m.with_event("refreshed", completion=last.completion, chat=last.chat)
+            # A refresh writes the fact whole, so a consolidating memory starts over at 1.0.
+            m = replace(m, scale=1.0, stage="wake").with_event(
+                "refreshed", completion=last.completion, chat=last.chat
+            )
         if memory.id in pruned_ids:
             m = (
                 replace(m, scale=0.0)

@@ -4,6 +4,7 @@ Layout (see ``state_schema/README.md``)::
 
     ledger.json                 the committed ledger
     deltas/<id>.safetensors     per-memory low-rank factors
+    adapters/<sha>/             the consolidation LoRA adapter, in peft's format
     backups/                    the last three committed generations (``sleeptui.backups``)
     .txn/                       a commit in flight (redo journal, ``sleeptui.journal``)
     .lock, .holder              held by the one process that may write, and its pid
@@ -159,11 +160,40 @@ class StateFolder:
 
     # -- writing -----------------------------------------------------------------
 
-    def commit(self, ledger: Ledger, writes: dict[str, Factors], removes: Iterable[str] = ()) -> None:
+    def read_adapter(self, ledger: Ledger) -> dict[str, bytes] | None:
+        """The files of the ledger's adapter (peft's format), checked against their checksums.
+
+        Raises:
+            StateError: a file is missing or differs from its checksum; it names the file.
+        """
+        record = ledger.adapter
+        if record is None:
+            return None
+        files = {}
+        for name, digest in record.files.items():
+            path = self.root / record.path / name
+            data = _read(path)
+            if data is None:
+                raise StateError(f"The adapter file {path} is missing; restore the folder from "
+                                 "a copy, or forget the consolidated memories.")
+            if sha256(data) != digest:
+                raise StateError(f"The adapter file {path} is damaged (its checksum differs "
+                                 "from the ledger's); nothing was changed.")
+            files[name] = data
+        return files
+
+    def commit(
+        self,
+        ledger: Ledger,
+        writes: dict[str, Factors],
+        removes: Iterable[str] = (),
+        adapter_files: dict[str, bytes] | None = None,
+    ) -> None:
         """Write new deltas, the ledger and a backup generation as one transaction.
 
         ``removes`` are memory ids whose delta files go (the entry may stay, as a pruned
-        memory's does). Whatever fails before the commit point leaves the folder unchanged.
+        memory's does). ``adapter_files`` are the files of a newly trained adapter, which the
+        ledger names. Whatever fails before the commit point leaves the folder unchanged.
 
         Raises:
             StateError: the folder is read-only or cannot be written; nothing was changed.
@@ -180,7 +210,13 @@ class StateFolder:
         try:
             txn = journal.Transaction(self.root)
             manifest = backups.stage(
-                txn, self._committed, self._manifest, ledger, writes, set(removes) - set(writes)
+                txn,
+                self._committed,
+                self._manifest,
+                ledger,
+                writes,
+                set(removes) - set(writes),
+                adapter_files,
             )
             txn.commit()
         except BaseException as e:

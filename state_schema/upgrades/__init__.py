@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import v1_to_v2
+from . import v1_to_v2, v2_to_v3
 
 Document = dict[str, Any]
 
 STEPS: dict[int, Callable[[Document], Document]] = {
     1: v1_to_v2.upgrade,
+    2: v2_to_v3.upgrade,
 }
 """The step that turns a document of version N (the key) into one of version N+1."""
 

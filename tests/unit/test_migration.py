@@ -70,12 +70,12 @@ def test_a_version_1_folder_opens_upgraded_with_every_memory_intact(v1_folder):
     assert _files(v1_folder) == before
 
 
-def test_the_next_commit_writes_the_upgraded_ledger_as_version_2(v1_folder):
+def test_the_next_commit_writes_the_upgraded_ledger_as_the_current_version(v1_folder):
     with StateFolder.open(v1_folder) as folder:
         folder.commit(folder.ledger(V1["fingerprint"], V1["model"]), {})
     doc = json.loads((v1_folder / "ledger.json").read_text(encoding="utf-8"))
-    assert doc["schema_version"] == SCHEMA_VERSION == 2
-    assert (doc["last_sleep_at"], doc["ppl_base"]) == (None, None)
+    assert doc["schema_version"] == SCHEMA_VERSION == 3
+    assert (doc["last_sleep_at"], doc["ppl_base"], doc["adapter"]) == (None, None, None)
     assert doc["memories"] == V1["memories"]
     # The first commit backs up every delta the version-1 folder had.
     assert len(list((v1_folder / "backups" / "deltas").iterdir())) == 3
@@ -91,7 +91,7 @@ def test_the_written_ledger_follows_the_published_json_schema(v1_folder):
     schema = json.loads(ledger_schema_text())
     jsonschema.validate(json.loads((v1_folder / "ledger.json").read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(V1, schema)  # the schema describes version 2 only
+        jsonschema.validate(V1, schema)  # the schema describes the current version only
 
 
 def test_read_only_open_of_a_version_1_folder_reads_it_and_writes_nothing(v1_folder):
