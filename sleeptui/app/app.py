@@ -292,6 +292,30 @@ class SleeptuiApp(App[None]):
         else:
             self.chat.note("Already sleeping.")
 
+    def start_nap(self) -> None:
+        if self.panel.start_sleep(nap=True):
+            self.chat.note("napping: facts MEMIT holds move toward the LoRA adapter; the chat "
+                           "stays usable meanwhile")
+        else:
+            self.chat.note("Already sleeping.")
+
+    @on(MemoryPanel.Napped)
+    def _napped(self, message: MemoryPanel.Napped) -> None:
+        r = message.report
+        if r.rolled_back:
+            self.chat.note(
+                f"nap rolled back: perplexity would have risen {100 * (r.ppl_tried / r.ppl_before - 1):+.1f}%; "
+                "nothing changed",
+                "warning",
+            )
+        else:
+            stages = " · ".join(f"{k}: {v}" for k, v in r.stages.items())
+            self.chat.note(
+                f"napped: {r.advanced} of {r.due} facts advanced (MEMIT scale {stages}) · chat "
+                f"recall {r.chat_recall:.0%} · perplexity {r.ppl_before:.2f} → {r.ppl_after:.2f} "
+                f"· {r.seconds:.1f}s"
+            )
+
     def _sleep_if_due(self) -> None:
         """Sleep on our own when the pressure crosses its threshold."""
         pressure = self.panel.pressure()

@@ -41,6 +41,10 @@ def _sleep(app: SleeptuiApp, arg: str) -> None:
     app.start_sleep(until=arg == "until")
 
 
+def _nap(app: SleeptuiApp, arg: str) -> None:
+    app.start_nap()
+
+
 def _forget(app: SleeptuiApp, arg: str) -> None:
     app.request_forget(arg or None)
 
@@ -82,6 +86,9 @@ COMMANDS: tuple[SlashCommand, ...] = (
         "/sleep", "/sleep [until]", "run one sleep cycle; 'until': cycles until converged", _sleep
     ),
     SlashCommand(
+        "/nap", "/nap", "a quick consolidation: due facts move from MEMIT into the adapter", _nap
+    ),
+    SlashCommand(
         "/memories",
         "/memories",
         "focus the memory table (f or delete there forgets a row)",
@@ -95,6 +102,7 @@ BY_NAME = {c.name: c for c in COMMANDS}
 PALETTE: tuple[tuple[str, str, str], ...] = (
     ("Sleep: one cycle", "Audit the memories and refresh degraded ones", "/sleep"),
     ("Sleep until converged", "Sleep cycles until no memory is degraded", "/sleep until"),
+    ("Nap", "Move facts that are due from MEMIT into the LoRA adapter", "/nap"),
     (
         "Forget the selected memory",
         "Delete the memory selected in the table (asks first)",

@@ -24,6 +24,7 @@ from sleeptui.app.memory_table import MemoryTable
 from sleeptui.errors import SleeptuiError
 
 if TYPE_CHECKING:
+    from sleeptui.consolidate import ConsolidationReport
     from sleeptui.engine import Engine, ForgetReport
     from sleeptui.facts import Fact
     from sleeptui.ledger import Memory
@@ -84,6 +85,10 @@ class MemoryPanel(Vertical):
     class Slept(Message):
         reports: list[SleepReport]
         auto: bool
+
+    @dataclass
+    class Napped(Message):
+        report: ConsolidationReport
 
     @dataclass
     class SleepFailed(Message):
@@ -164,8 +169,11 @@ class MemoryPanel(Vertical):
             try:
                 if not hasattr(self.engine, "forget"):
                     raise SleeptuiError("This engine cannot forget memories yet.")
-                for memory_id in memory_ids:
-                    reports.append(self.engine.forget(memory_id))
+                if hasattr(self.engine, "forget_many"):  # one adapter retrain for them all
+                    reports = self.engine.forget_many(list(memory_ids))
+                else:
+                    for memory_id in memory_ids:
+                        reports.append(self.engine.forget(memory_id))
             except Exception as e:  # shown in the chat, with what was forgotten before it
                 if reports:
                     self.post_message(self.Forgotten(reports, None))
@@ -173,15 +181,34 @@ class MemoryPanel(Vertical):
                 return
         self.post_message(self.Forgotten(reports, note))
 
-    def start_sleep(self, until: bool = False, auto: bool = False) -> bool:
-        """Start a sleep unless one runs; the chat stays usable meanwhile."""
+    def start_sleep(self, until: bool = False, auto: bool = False, nap: bool = False) -> bool:
+        """Start a sleep (or a nap: one quick consolidation) unless one runs; the chat stays
+        usable meanwhile."""
         if self.sleeping:
             return False
         self.sleeping = True
         self.cancel_sleep.clear()
-        self.activity.progress("sleeping", "waiting", 0, 0)
-        self._sleep(until, auto)
+        self.activity.progress("napping" if nap else "sleeping", "waiting", 0, 0)
+        if nap:
+            self._nap()
+        else:
+            self._sleep(until, auto)
         return True
+
+    @work(thread=True, group="edit")
+    def _nap(self) -> None:
+        def progress(stage: str, i: int, n: int) -> None:
+            self.post_message(self.SleepProgressed(stage, i, n))
+
+        with self._edits:
+            try:
+                if not hasattr(self.engine, "consolidate"):
+                    raise SleeptuiError("This engine cannot consolidate memories.")
+                report = self.engine.consolidate("nap", progress=progress, cancel=self.cancel_sleep)
+            except Exception as e:  # the engine rolls a failed consolidation back
+                self.post_message(self.SleepFailed(describe(e), self.cancel_sleep.is_set()))
+                return
+        self.post_message(self.Napped(report))
 
     @work(thread=True, group="edit")
     def _sleep(self, until: bool, auto: bool) -> None:
@@ -238,6 +265,17 @@ class MemoryPanel(Vertical):
                 f"{last.ppl_before:.2f} → {last.ppl_after:.2f}"
                 + (" · rolled back" if last.rolled_back else "")
             )
+        self.activity.idle()
+
+    @on(Napped)
+    def _napped(self, message: Napped) -> None:
+        self.sleeping = False
+        self.sync()
+        r = message.report
+        self.activity.result(
+            f"last nap: {r.advanced} of {r.due} facts moved toward the adapter · chat recall "
+            f"{r.chat_recall:.0%}" + (" · rolled back" if r.rolled_back else "")
+        )
         self.activity.idle()
 
     @on(SleepFailed)

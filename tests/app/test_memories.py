@@ -193,8 +193,8 @@ async def test_help_model_and_unknown_commands_answer_in_the_chat():
         await ready(pilot)
         await send(pilot, "/help")
         await send(pilot, "/model")
-        await send(pilot, "/nap")
-        await wait_until(pilot, lambda: has_note(app, "Unknown command /nap"))
+        await send(pilot, "/dream")
+        await wait_until(pilot, lambda: has_note(app, "Unknown command /dream"))
         assert has_note(app, "/forget [id | subject]")
         assert has_note(
             app, "model fake-135m · backend fake · state folder /tmp/sleeptui-fake/state"

@@ -1,0 +1,159 @@
+"""Consolidation: facts move from MEMIT into the LoRA adapter on the embedded model.
+
+Writes N facts one at a time (constrained wake), then runs deep-sleep consolidations until
+every fact has reached MEMIT scale 0.0 or stopped advancing (at most --cycles). Per cycle:
+the stage histogram (how many facts at scale 1.0 / 0.5 / 0.1 / 0.0), completion and chat
+recall, perplexity against the unedited model, seconds. Then a fresh process-like restart
+(the folder reopened by a new engine) and the same measurements; then forgetting --forget
+consolidated facts at once, and whether any of them is still answered. Writes
+bench/out/consolidate.json.
+
+    python bench/consolidate.py [--n 20] [--cycles 6] [--forget 5] [--offset 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_facts, write_outputs  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from sleeptui import consolidate  # noqa: E402
+from sleeptui.engine import Engine, _says  # noqa: E402
+
+console = Console()
+
+
+def measure(engine: Engine, label: str, ppl_base: float, seconds: float, extra: dict) -> dict:
+    memories = consolidate.living(engine.ledger)
+    recalls = engine.check(memories)
+    n = max(1, len(recalls))
+    ppl = engine.perplexity()
+    row = {
+        "step": label,
+        **consolidate.stage_histogram(engine.ledger),
+        "completion": sum(r.completion for r in recalls) / n,
+        "chat": sum(r.chat for r in recalls) / n,
+        "ppl": ppl,
+        "ppl_drift": ppl / ppl_base - 1,
+        "seconds": seconds,
+        **extra,
+    }
+    console.print(
+        f"{label:>10}  1.0:{row['1.0']:>3} 0.5:{row['0.5']:>3} 0.1:{row['0.1']:>3} "
+        f"0.0:{row['0.0']:>3}  completion {row['completion']:.2f}  chat {row['chat']:.2f}  "
+        f"ΔPPL {100 * row['ppl_drift']:+.2f}%  {seconds:.1f}s  {extra}"
+    )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--cycles", type=int, default=6)
+    ap.add_argument("--forget", type=int, default=5)
+    ap.add_argument("--offset", type=int, default=100, help="first fact of the pool to use")
+    ap.add_argument("--facts", type=Path, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="override the preset's LoRA lr")
+    ap.add_argument("--epochs", type=int, default=None)
+    args = ap.parse_args()
+    facts = load_facts(args.facts)[args.offset : args.offset + args.n]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as state:
+        engine = Engine.open(None, state, backend="torch")
+        changes = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
+        engine.lora = replace(engine.lora, **changes)
+        console.print(f"LoRA settings: {engine.lora}")
+        ppl_base = engine.perplexity()
+        t = time.perf_counter()
+        engine.remember(facts)
+        rows.append(measure(engine, "wake", ppl_base, time.perf_counter() - t, {}))
+        for cycle in range(1, args.cycles + 1):
+            r = engine.consolidate("sleep", cycle=cycle)
+            rows.append(
+                measure(
+                    engine,
+                    f"cycle {cycle}",
+                    ppl_base,
+                    r.seconds,
+                    {
+                        "due": r.due,
+                        "advanced": r.advanced,
+                        "rolled_back": r.rolled_back,
+                        "cycle_ppl_change": r.ppl_tried / r.ppl_before - 1,
+                        "loss": [round(r.loss_first, 3), round(r.loss_last, 3)],
+                    },
+                )
+            )
+            if r.due == 0 or (r.advanced == 0 and not r.rolled_back):
+                break
+        engine.close()
+        engine = Engine.open(None, state, backend="torch")
+        rows.append(measure(engine, "restart", ppl_base, 0.0, {}))
+        done = [m for m in engine.memories if m.stage == "consolidated"][: args.forget]
+        if done:
+            t = time.perf_counter()
+            reports = engine.forget_many([m.id for m in done])
+            seconds = time.perf_counter() - t
+            still = [
+                m.id
+                for m in done
+                if _says(engine.complete(m.prompt), m.object)
+                or _says("".join(engine.ask(m.questions[0])), m.object)
+            ]
+            rows.append(
+                measure(
+                    engine,
+                    f"forget {len(done)}",
+                    ppl_base,
+                    seconds,
+                    {
+                        "forgotten_still_answered": len(still),
+                        "verified": sum(r.verified for r in reports),
+                        "repaired": reports[0].repaired,
+                    },
+                )
+            )
+        engine.close()
+    table = Table(title=f"consolidation, {args.n} facts (MEMIT scale histogram)")
+    cols = ["step", "1.0", "0.5", "0.1", "0.0", "completion", "chat", "ppl_drift", "seconds"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(
+            row["step"],
+            *(str(row[k]) for k in ("1.0", "0.5", "0.1", "0.0")),
+            f"{row['completion']:.2f}",
+            f"{row['chat']:.2f}",
+            f"{100 * row['ppl_drift']:+.2f}%",
+            f"{row['seconds']:.1f}",
+        )
+    console.print(table)
+    def plot(ax) -> None:
+        steps = [row["step"] for row in rows]
+        bottom = [0] * len(rows)
+        for key in ("1.0", "0.5", "0.1", "0.0"):
+            ax.bar(steps, [row[key] for row in rows], bottom=bottom, label=f"scale {key}")
+            bottom = [b + row[key] for b, row in zip(bottom, rows, strict=True)]
+        twin = ax.twinx()
+        twin.plot(steps, [row["chat"] for row in rows], "k-o", label="chat recall")
+        twin.set_ylim(0, 1.05)
+        ax.set_ylabel("facts")
+        twin.set_ylabel("chat recall")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.tick_params(axis="x", rotation=30)
+
+    doc = {"args": vars(args) | {"facts": str(args.facts)}, "rows": rows}
+    write_outputs("consolidate", doc, plot)
+
+
+if __name__ == "__main__":
+    main()
