@@ -362,6 +362,7 @@ class TorchBackend:
             self.model.train()
             for _ in range(settings.epochs):
                 order = torch.randperm(len(examples), generator=gen).tolist()
+                epoch_loss = []
                 for start in range(0, len(order), bs):
                     if cancel is not None and cancel.is_set():
                         from sleeptui.sleep import Cancelled
@@ -372,8 +373,11 @@ class TorchBackend:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     step += 1
+                    epoch_loss.append(loss.item())
                     if progress:
-                        progress(step, steps, loss.item())
+                        progress(step, steps, epoch_loss[-1])
+                if sum(epoch_loss) / len(epoch_loss) < settings.loss_stop:
+                    break
             a, b = {}, {}
             for key, p in lora.items():
                 module, part = key.rsplit(".lora_", 1)

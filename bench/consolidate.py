@@ -93,7 +93,7 @@ def main() -> None:
                     },
                 )
             )
-            if r.due == 0 or (r.advanced == 0 and not r.rolled_back):
+            if all(m.scale == 0 for m in consolidate.living(engine.ledger)):
                 break
         engine.close()
         engine = Engine.open(None, state, backend="torch")

@@ -131,10 +131,12 @@ def train(
     init: Adapter | None,
     progress: Progress | None,
     cancel: threading.Event | None,
+    seed: int | None = None,
 ) -> tuple[Adapter, list[float]]:
     """Train an adapter to hold ``memories`` alone: their MEMIT deltas and the current adapter
-    are out of the weights (the caller's business); ``general`` is replayed beside them."""
-    settings = replace(engine.lora, epochs=epochs)
+    are out of the weights (the caller's business); ``general`` is replayed beside them.
+    ``seed`` orders the examples (each cycle its own, so a retry is not a repeat)."""
+    settings = replace(engine.lora, epochs=epochs, seed=engine.lora.seed if seed is None else seed)
     data = examples(engine, memories) + general
     losses: list[float] = []
 
@@ -178,12 +180,14 @@ def run(
         )
     try:
         # Replay text is written by the model as it is now, before anything is taken out.
-        general = replay(engine, settings.replay_samples, settings.seed)
+        general = replay(engine, settings.replay_samples, settings.seed + cycle)
         for m in due:
             engine.revert(m)
         old = engine.adapter
         engine.set_adapter(None)
-        adapter, losses = train(engine, train_on, general, epochs, old, progress, cancel)
+        adapter, losses = train(
+            engine, train_on, general, epochs, old, progress, cancel, seed=settings.seed + cycle
+        )
         engine.set_adapter(adapter)
         for m in due:
             engine.apply_scale(m, next_scale(m.scale))

@@ -146,6 +146,10 @@ PRESETS: dict[str, Preset] = {
                 clamp_norm=1.5,
                 cov_tokens=8192,
             ),
+            # bench/consolidate.py: the papers' lr 1e-4 moves nothing on this model in a few
+            # epochs; 1e-3 on the MLP of layers 3–10 moved 14 of 20 facts in the first cycle
+            # at +0.56% perplexity.
+            lora=LoraSettings(lr=1e-3, epochs=5, nap_epochs=2, batch_size=4),
         ),
         Preset(
             name="llama-3.2-3b",

@@ -22,6 +22,14 @@ def embedded():
     source = resolve(None)
     backend = load_backend(source)
     pristine = {layer: backend.weight(layer).copy() for layer in range(backend.info.n_layers)}
+    # Consolidation's adapter also acts on the MLP's other projections.
+    pristine["params"] = backend.params(
+        [
+            f"model.layers.{layer}.mlp.{t}.weight"
+            for layer in range(backend.info.n_layers)
+            for t in ("gate_proj", "up_proj")
+        ]
+    )
     return backend, source, pristine
 
 
@@ -47,4 +55,7 @@ def engine(fresh_model, tmp_path):
 
 def restore(backend, weights) -> None:
     for layer, w in weights.items():
-        backend.set_weight(layer, w)
+        if layer == "params":
+            backend.set_params(w)
+        else:
+            backend.set_weight(layer, w)
