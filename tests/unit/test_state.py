@@ -506,6 +506,60 @@ def test_a_full_disk_changes_nothing_whatever_step_it_stops(tiny_disk):
         assert folder.read_delta(second, SHAPES)[1][0].shape == (8, 200)
 
 
+@pytest.fixture
+def disk_budget(monkeypatch, tmp_path):
+    """Writes to files under ``tmp_path`` fail with ENOSPC once ``budget[0]`` bytes are spent.
+
+    The same as the tmpfs test above, for machines where nothing can be mounted: the kernel
+    call every durable write goes through (``os.write``) runs out of room part-way, at
+    whichever byte the budget ends, as a full disk does.
+    """
+    budget = [None]
+    real_write = os.write
+
+    def write(fd, data):
+        if budget[0] is not None and os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+            if budget[0] <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            data = bytes(data)[: budget[0]]  # a short write, as at the last free block
+            budget[0] -= len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal.os, "write", write)
+    return budget
+
+
+def test_running_out_of_room_at_any_byte_of_a_commit_changes_nothing(tmp_path, disk_budget):
+    root = tmp_path / "s"
+    with StateFolder.open(root) as folder:
+        first = _commit_one(folder)
+        u, v = _factors(1)[1]
+        big = {1: (np.tile(u, (1, 50)), np.tile(v, (50, 1)))}
+        ledger = folder.ledger(FP, "tiny")
+        second = Memory.new(Fact("Bo Strand", "plays the", "cello"))
+        before = _files(root)
+        failures = 0
+        for room in range(0, 200_000, 1500):
+            disk_budget[0] = room
+            try:
+                folder.commit(ledger.upsert(second), {second.id: big})
+            except StateError as e:
+                failures += 1
+                assert "is full (No space left on device); nothing was changed" in str(e)
+                assert _files(root) == before
+                assert not (root / ".txn").exists()
+                continue
+            finally:
+                disk_budget[0] = None
+            break
+        else:
+            pytest.fail("the commit never found room")
+        assert failures >= 5  # it ran out at several steps of staging before it fit
+    with StateFolder.open(root) as folder:
+        assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id, second.id]
+        assert folder.read_delta(second, SHAPES)[1][0].shape == (8, 50)
+
+
 def test_a_read_only_file_system_is_refused_at_open_but_reads_with_read_only(read_only_view):
     source, view = read_only_view
     with StateFolder.open(source / "s") as folder:
