@@ -233,9 +233,9 @@ def _sleep(engine, args: argparse.Namespace) -> None:
         ]
     consolidations = [engine.consolidate("sleep", engine.progress)] if args.consolidate else []
     if args.json:
-        doc = [asdict(r) | {"ppl_change": r.ppl_change} for r in reports]
+        doc = [_report_doc(r) for r in reports]
         if args.consolidate:
-            doc = {"cycles": doc, "consolidation": [_consolidation_doc(r) for r in consolidations]}
+            doc = {"cycles": doc, "consolidation": [_report_doc(r) for r in consolidations]}
         out.print_json(json.dumps(doc))
     else:
         _print_reports(reports)
@@ -243,63 +243,66 @@ def _sleep(engine, args: argparse.Namespace) -> None:
             _print_consolidations(consolidations, False)
 
 
-def _consolidation_doc(r) -> dict:
+def _report_doc(r) -> dict:
+    """A sleep or consolidation report as JSON, with its perplexity change."""
     return asdict(r) | {"ppl_change": r.ppl_change}
+
+
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _measured(r) -> tuple[str, ...]:
+    """The columns sleep and consolidation reports share: recall, chat, ΔPPL, seconds."""
+    return f"{r.recall:.2f}", f"{r.chat_recall:.2f}", f"{100 * r.ppl_change:+.2f}%", f"{r.seconds:.1f}"
 
 
 def _print_consolidations(reports, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps([_consolidation_doc(r) for r in reports]))
+        out.print_json(json.dumps([_report_doc(r) for r in reports]))
         return
-    table = Table(title="consolidation (MEMIT scale of each fact: 1.0 → 0.5 → 0.1 → 0.0)")
-    for col in ("kind", "due", "advanced", "1.0", "0.5", "0.1", "0.0", "recall", "chat", "ΔPPL", "s", ""):
-        table.add_column(col, justify="right")
-    for r in reports:
-        note = f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)" if r.rolled_back else ""
-        table.add_row(
-            r.kind,
-            str(r.due),
-            str(r.advanced),
-            *(str(r.stages[k]) for k in ("1.0", "0.5", "0.1", "0.0")),
-            f"{r.recall:.2f}",
-            f"{r.chat_recall:.2f}",
-            f"{100 * r.ppl_change:+.2f}%",
-            f"{r.seconds:.1f}",
-            note,
-        )
-    out.print(table)
+    stages = ("1.0", "0.5", "0.1", "0.0")
+    _print_table(
+        "consolidation (MEMIT scale of each fact: 1.0 → 0.5 → 0.1 → 0.0)",
+        ("kind", "due", "advanced", *stages, "recall", "chat", "ΔPPL", "s", ""),
+        [
+            (
+                r.kind,
+                str(r.due),
+                str(r.advanced),
+                *(str(r.stages[k]) for k in stages),
+                *_measured(r),
+                f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
+                if r.rolled_back
+                else "",
+            )
+            for r in reports
+        ],
+    )
 
 
 def _print_reports(reports) -> None:
-    table = Table(title="sleep")
-    for col in (
-        "cycle",
-        "healthy",
-        "degraded",
-        "refreshed",
-        "pruned",
-        "recall",
-        "chat",
-        "ΔPPL",
-        "s",
-        "",
-    ):
-        table.add_column(col, justify="right")
-    for r in reports:
-        note = "rolled back" if r.rolled_back else ("converged" if r.converged else "")
-        table.add_row(
-            str(r.cycle),
-            str(r.healthy),
-            str(r.degraded),
-            str(r.refreshed),
-            str(r.pruned),
-            f"{r.recall:.2f}",
-            f"{r.chat_recall:.2f}",
-            f"{100 * r.ppl_change:+.2f}%",
-            f"{r.seconds:.1f}",
-            note,
-        )
-    out.print(table)
+    _print_table(
+        "sleep",
+        ("cycle", "healthy", "degraded", "refreshed", "pruned", "recall", "chat", "ΔPPL", "s", ""),
+        [
+            (
+                str(r.cycle),
+                str(r.healthy),
+                str(r.degraded),
+                str(r.refreshed),
+                str(r.pruned),
+                *_measured(r),
+                "rolled back" if r.rolled_back else ("converged" if r.converged else ""),
+            )
+            for r in reports
+        ],
+    )
     for r in reports:
         for memory_id in r.pruned_ids:
             err.print(
