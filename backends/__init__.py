@@ -144,9 +144,12 @@ class Backend(Protocol):
         init: object | None = None,
         progress: object | None = None,
         cancel: threading.Event | None = None,
+        anchor: Sequence[Rendering] = (),
     ) -> object:
-        """Train a LoRA adapter (peft) on the examples' target tokens; the model is left as
-        it was. Returns a :class:`sleeptui.adapter.Adapter` (``init`` warm-starts it)."""
+        """Train a LoRA adapter (peft) on the examples' target tokens, holding the model's
+        next-token distribution on ``anchor``'s target positions to what it was before (KL);
+        the model is left as it was. Returns a :class:`sleeptui.adapter.Adapter` (``init``
+        warm-starts it)."""
         ...
 
     def to_device(self, a: np.ndarray, layer: int) -> object:

@@ -320,16 +320,24 @@ class TorchBackend:
         init=None,
         progress=None,
         cancel: threading.Event | None = None,
+        anchor: Sequence[Rendering] = (),
     ):
         """Train a LoRA adapter with peft on ``examples`` (loss on their target positions).
 
-        The adapter is injected into the model for the training only and taken out again
-        (unmerged) before this returns, whatever happens; ``init`` (an Adapter) warm-starts it.
-        Returns the trained :class:`sleeptui.adapter.Adapter`.
+        Each step adds ``settings.kl_weight`` · KL(before ‖ now) of the next-token
+        distributions on a batch of ``anchor``'s target positions, against the model as it is
+        when this is called. The adapter is injected into the model for the training only
+        and taken out again (unmerged) before this returns, whatever happens; ``init`` (an
+        Adapter) warm-starts it. Returns the trained :class:`sleeptui.adapter.Adapter`.
         """
         from peft import LoraConfig, get_peft_model
 
         from sleeptui.adapter import Adapter
+
+        bs = settings.batch_size
+        anchors = [anchor[i : i + bs] for i in range(0, len(anchor), bs)]
+        with torch.inference_mode():
+            before = [self._target_logits(batch).log_softmax(-1).to(torch.bfloat16) for batch in anchors]
 
         config = LoraConfig(
             r=settings.r,
@@ -356,7 +364,6 @@ class TorchBackend:
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, foreach=False)
             gen = torch.Generator().manual_seed(settings.seed)
-            bs = settings.batch_size
             steps = settings.epochs * -(-len(examples) // bs)
             step = 0
             self.model.train()
@@ -368,8 +375,21 @@ class TorchBackend:
                         from sleeptui.sleep import Cancelled
 
                         raise Cancelled
-                    loss = self._target_loss([examples[i] for i in order[start : start + bs]])
-                    loss.backward()
+                    batch = [examples[i] for i in order[start : start + bs]]
+                    logits = self._target_logits(batch)
+                    targets = torch.tensor(
+                        [r.ids[p] for r in batch for p in r.target_positions], device=self._device
+                    )
+                    loss = torch.nn.functional.cross_entropy(logits, targets)
+                    total = loss
+                    if anchors:
+                        k = step % len(anchors)
+                        now = self._target_logits(anchors[k]).log_softmax(-1)
+                        kl = torch.nn.functional.kl_div(
+                            now, before[k].float(), log_target=True, reduction="batchmean"
+                        )
+                        total = loss + settings.kl_weight * kl
+                    total.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     step += 1
@@ -389,16 +409,16 @@ class TorchBackend:
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
-    def _target_loss(self, batch: Sequence[Rendering]) -> torch.Tensor:
-        """Mean NLL of the batch's target tokens; the LM head runs only where it is read."""
+    def _target_logits(self, batch: Sequence[Rendering]) -> torch.Tensor:
+        """Float logits predicting each target token of the batch, in order (targets × vocab);
+        the LM head runs only where it is read."""
         ids, mask = _pad([r.ids for r in batch], self.pad_id, left=False, device=self._device)
         rows = [i for i, r in enumerate(batch) for _ in r.target_positions]
         cols = [p for r in batch for p in r.target_positions]
         h = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         rows_t = torch.tensor(rows, device=self._device)
         cols_t = torch.tensor(cols, device=self._device)
-        logits = self.model.lm_head(h[rows_t, cols_t - 1]).float()
-        return torch.nn.functional.cross_entropy(logits, ids[rows_t, cols_t])
+        return self.model.lm_head(h[rows_t, cols_t - 1]).float()
 
     def to_device(self, a, layer: int):
         """``a`` in float64 where the MEMIT algebra of ``layer`` runs: NumPy when the layer is

@@ -41,8 +41,10 @@ class LoraSettings:
         epochs: Passes over the training set in a deep-sleep consolidation.
         nap_epochs: Passes in a nap (one short pass).
         batch_size: Examples per step.
-        replay_samples: General-text samples the model writes itself (fixed seed), trained on
-            beside the facts so that the adapter does not bend the model toward them.
+        replay_samples: General-text samples the model writes itself (fixed seed, half chat,
+            half prose) on which training holds the model's next-token distribution to what
+            it was (KL), so that the adapter does not bend the model toward the facts.
+        kl_weight: Weight of that KL term beside the facts' loss.
         ppl_tolerance: Relative perplexity rise one consolidation may cause before it is rolled
             back.
         loss_stop: Training stops after an epoch whose mean loss fell below this: a
@@ -61,7 +63,8 @@ class LoraSettings:
     epochs: int = 3
     nap_epochs: int = 1
     batch_size: int = 8
-    replay_samples: int = 8
+    replay_samples: int = 16
+    kl_weight: float = 1.0
     ppl_tolerance: float = 0.02
     loss_stop: float = 0.3
     seed: int = 0

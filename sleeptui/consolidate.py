@@ -6,7 +6,9 @@ transaction, like a sleep cycle:
 1. measure perplexity and audit the memories MEMIT holds; those that recall are *due*;
 2. take the due facts' MEMIT deltas out of the weights, so that the adapter has to hold each
    fact alone, and train the adapter (peft) on chat Q&A and completion pairs of the due facts,
-   with replay of the facts it already holds and of general text the model writes itself;
+   with replay of the facts it already holds; a KL term holds the model's predictions to
+   what they were on text it writes itself and on the same relations about other people
+   ("Aino Moreau lives in"), so that it learns these facts and not "everyone lives there";
    the adapter is warm-started from the previous one, and is trained on the model as it is
    now, every other memory applied (the paper's cumulative fusing);
 3. put each due fact's delta back at the next scale of the schedule 1.0 → 0.5 → 0.1 → 0.0;
@@ -28,7 +30,8 @@ from typing import TYPE_CHECKING
 from sleeptui import renderings
 from sleeptui.adapter import Adapter, LoraSettings
 from sleeptui.backends import Rendering
-from sleeptui.covariance import REQUESTS
+from sleeptui.covariance import OPENERS, REQUESTS
+from sleeptui.facts import Fact
 from sleeptui.ledger import AdapterRecord, Ledger, Memory, now
 
 if TYPE_CHECKING:
@@ -38,6 +41,10 @@ Progress = Callable[[str, int, int], None]
 SCHEDULE = (1.0, 0.5, 0.1, 0.0)
 """The MEMIT scale of a fact as it consolidates; it moves one step per successful cycle."""
 REPLAY_TOKENS = 48
+# Made-up people for the specificity anchor: each fact's relation is also asked about one of
+# them, and the model must keep answering that as it did before.
+_FIRST = ("Aino", "Bruno", "Dalia", "Emre", "Farah", "Goran", "Hedda", "Ivo", "Jora", "Kalle")
+_LAST = ("Moreau", "Okafor", "Lindqvist", "Nakamura", "Quispe", "Petrov", "Rasmussen", "Zielinski")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -102,16 +109,44 @@ def examples(engine: Engine, memories: Sequence[Memory]) -> list[Rendering]:
 
 
 def replay(engine: Engine, n: int, seed: int) -> list[Rendering]:
-    """General chat text the model writes itself (fixed seed), trained on as it is, so that
-    the adapter keeps the model's ordinary behaviour."""
+    """Text the model writes itself (fixed seed): chat answers to everyday requests and plain
+    prose from short openers, half each. Training holds the model's next-token distribution
+    on every position of these to what it was before (a KL term), so that the adapter learns
+    the facts without bending the rest of the model."""
     b = engine.backend
-    seeds = [engine.chat_prompt(REQUESTS[(seed + i) % len(REQUESTS)]) for i in range(n)]
-    rows = b.sample(seeds, REPLAY_TOKENS, seed)
+    chats = [engine.chat_prompt(REQUESTS[(seed + i) % len(REQUESTS)]) for i in range(n - n // 2)]
+    prose = [OPENERS[(seed + i) % len(OPENERS)] for i in range(n // 2)]
+    rows = b.sample(chats + prose, REPLAY_TOKENS, seed)
+    return [Rendering(tuple(row), (), tuple(range(1, len(row)))) for row in rows if len(row) > 1]
+
+
+def neighbours(engine: Engine, memories: Sequence[Memory], seed: int) -> list[Rendering]:
+    """Each memory's relation about a made-up person, by completion and in chat, with the
+    memory's object as the text the anchor reads (the model must not come to say it)."""
+    b = engine.backend
+    subjects = {m.subject for m in engine.memories}
+    names = [f"{f} {last}" for last in _LAST for f in _FIRST]
+    names = [n for n in names if n not in subjects]
     out = []
-    for text, row in zip(seeds, rows, strict=True):
-        start = len(b.encode(text))
-        if len(row) > start:
-            out.append(Rendering(tuple(row), (), tuple(range(start, len(row)))))
+    for i, m in enumerate(memories):
+        name = names[(seed * 7 + i) % len(names)]
+        other = Fact(name, m.relation, m.object, prompt=m.prompt.replace(m.subject, name))
+        out.append(renderings.completion(b, "", other))
+        question = next((q for q in m.questions if m.subject in q), None)
+        if question:
+            out.append(renderings.chat_turn(b, question.replace(m.subject, name), other))
+    return out
+
+
+def unsaid(engine: Engine, memories: Sequence[Memory]) -> list[Rendering]:
+    """Forgotten memories' own prompts and questions: a retrained adapter is held to what the
+    model says there without them (their deltas already reverted), so it cannot bring a
+    forgotten object back through what it learnt from similar facts."""
+    b = engine.backend
+    out = []
+    for m in memories:
+        out.append(renderings.completion(b, "", m.fact))
+        out += [renderings.chat_turn(b, q, m.fact) for q in m.questions]
     return out
 
 
@@ -132,12 +167,14 @@ def train(
     progress: Progress | None,
     cancel: threading.Event | None,
     seed: int | None = None,
+    unsay: Sequence[Memory] = (),
 ) -> tuple[Adapter, list[float]]:
     """Train an adapter to hold ``memories`` alone: their MEMIT deltas and the current adapter
-    are out of the weights (the caller's business); ``general`` is replayed beside them.
-    ``seed`` orders the examples (each cycle its own, so a retry is not a repeat)."""
+    are out of the weights (the caller's business); on ``general`` and on the facts'
+    relations about other people (:func:`neighbours`) the model is held to its own
+    distribution, and on ``unsay``'s prompts (:func:`unsaid`). ``seed`` orders the examples (each cycle its own, so a retry is not a
+    repeat)."""
     settings = replace(engine.lora, epochs=epochs, seed=engine.lora.seed if seed is None else seed)
-    data = examples(engine, memories) + general
     losses: list[float] = []
 
     def step(i: int, n: int, loss: float) -> None:
@@ -145,7 +182,10 @@ def train(
         if progress:
             progress("train", i, n)
 
-    adapter = engine.backend.train_lora(data, settings, init, step, cancel)
+    anchor = general + neighbours(engine, memories, settings.seed) + unsaid(engine, unsay)
+    adapter = engine.backend.train_lora(
+        examples(engine, memories), settings, init, step, cancel, anchor=anchor
+    )
     return adapter, losses
 
 

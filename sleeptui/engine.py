@@ -29,6 +29,7 @@ from sleeptui.wake import Editor, Keys
 Progress = Callable[[str, int, int], None]
 ANSWER_TOKENS = 200
 RECALL_TOKENS = 12
+RETRAIN_ROUNDS = 3
 CHAT_RECALL_TOKENS = 32
 
 
@@ -240,7 +241,7 @@ class Engine:
         adapter was trained on any of them, it is retrained from the ledger without them (its
         other facts held alone, as in a consolidation) and replaces the old one in the same
         commit. The remaining memories are audited again afterwards; any that the removal
-        broke are rewritten under constraints. Each report says whether the model still says
+        broke (by completion or in chat) are rewritten under constraints. Each report says whether the model still says
         that memory's object.
         """
         from sleeptui.errors import UnknownMemory
@@ -266,7 +267,7 @@ class Engine:
                     ledger = self.ledger.without(ids)
                     files = None
                     if retrain:
-                        ledger = self._retrain_adapter(ledger)
+                        ledger = self._retrain_adapter(ledger, memories)
                         files = self.adapter_files(self.adapter) if self.adapter else None
                     self.folder.commit(ledger, {}, removes=sorted(ids), adapter_files=files)
                 except BaseException:
@@ -280,7 +281,7 @@ class Engine:
             broken = [
                 m
                 for m, b, a in zip(others, before, after, strict=True)
-                if b.completion and not a.completion
+                if (b.completion and not a.completion) or (b.chat and not a.chat)
             ]
             if broken:
                 self._repair(broken, [m for m in others if m not in broken and m.scale > 0])
@@ -296,29 +297,45 @@ class Engine:
                 )
             return reports
 
-    def _retrain_adapter(self, ledger: Ledger) -> Ledger:
+    def _retrain_adapter(self, ledger: Ledger, forgotten: Sequence[Memory] = ()) -> Ledger:
         """Train the adapter afresh on the facts it held that ``ledger`` still has; the old
-        one, and whatever it learnt of the others, is gone. Returns ``ledger`` naming it."""
+        one, and whatever it learnt of the others, is gone. Returns ``ledger`` naming it.
+
+        One training from scratch may leave a few of those facts unheld, so up to
+        ``RETRAIN_ROUNDS`` rounds run: each checks every kept fact as it will be served (its
+        MEMIT delta at its scale beside the new adapter) and trains on, warm-started from
+        the new adapter, with the facts that fail twice in the data. The new adapter never
+        sees the forgotten facts, so training on from it is as clean as the first round;
+        on their prompts it is held to what the model says without them, so that it cannot
+        say them again by generalising from similar facts ("plays the guitar")."""
         keep = consolidate.held(replace(self.ledger, memories=ledger.memories))
         if not keep:
             self.set_adapter(None)
             return replace(ledger, adapter=None)
         general = consolidate.replay(self, self.lora.replay_samples, self.lora.seed)
-        for m in keep:
-            self.revert(m)
-        self.set_adapter(None)
-        adapter, _ = consolidate.train(
-            self,
-            keep,
-            general,
-            self.lora.epochs,
-            None,
-            lambda stage, i, n: self._step("retrain adapter", i, n),
-            None,
-        )
-        self.set_adapter(adapter)
-        for m in keep:
-            self.apply_scale(m, m.scale)
+        adapter, missing = None, []
+        for round_ in range(RETRAIN_ROUNDS):
+            for m in keep:
+                self.revert(m)
+            self.set_adapter(None)
+            adapter, _ = consolidate.train(
+                self,
+                keep + missing,
+                general,
+                self.lora.epochs,
+                adapter,
+                lambda stage, i, n, r=round_: self._step(f"retrain adapter ({r + 1})", i, n),
+                None,
+                seed=self.lora.seed + round_,
+                unsay=forgotten,
+            )
+            self.set_adapter(adapter)
+            for m in keep:
+                self.apply_scale(m, m.scale)
+            recalls = self.check(keep)
+            missing = [m for m, r in zip(keep, recalls, strict=True) if not (r.completion and r.chat)]
+            if not missing:
+                break
         files = self.adapter_files(adapter)
         record = consolidate.adapter_record(files, keep)
         return replace(ledger, adapter=record)

@@ -142,6 +142,43 @@ def test_training_learns_the_targets_and_leaves_the_model_as_it_was(tokenizer):
     assert any(np.abs(b).max() > 0 for b in adapter.b.values())
 
 
+def test_the_anchor_holds_the_model_on_other_text_while_it_learns(tokenizer):
+    """The KL term: trained with anchor text, the adapter changes the model's predictions
+    there far less than without it, and it still learns the fact."""
+    backend = tiny_backend("torch", tokenizer)
+    ids = backend.encode("Oda Fjellheim lives in Tromsø")
+    fact = Rendering(tuple(ids), (), tuple(range(len(ids) - 6, len(ids))))
+    # Text about the same person: what a fact's training is most likely to bend.
+    other = [backend.encode(t) for t in ("Oda Fjellheim likes tea.", "Oda Fjellheim has a dog.")]
+    anchor = [Rendering(tuple(r), (), tuple(range(1, len(r)))) for r in other]
+    settings = replace(FAST, layers=(0, 1, 2, 3), lr=0.2, epochs=10, batch_size=2, kl_weight=20.0)
+    with torch.no_grad():
+        base = backend._target_logits(anchor).log_softmax(-1)
+
+    def shift(adapter) -> float:
+        """KL(base ‖ adapted) on the anchor text, and the loss on the fact, adapter applied."""
+        for name, (u, v) in adapter.factors().items():
+            backend.add_low_rank_to(name, u, v, 1.0)
+        with torch.no_grad():
+            now = backend._target_logits(anchor).log_softmax(-1)
+            fact_loss = torch.nn.functional.cross_entropy(
+                backend._target_logits([fact]), torch.tensor([ids[p] for p in fact.target_positions])
+            )
+        for name, (u, v) in adapter.factors().items():
+            backend.add_low_rank_to(name, u, v, -1.0)
+        kl = torch.nn.functional.kl_div(now, base, log_target=True, reduction="batchmean")
+        return float(kl), float(fact_loss)
+
+    free_kl, _ = shift(backend.train_lora([fact], settings))
+    held_kl, held_loss = shift(backend.train_lora([fact], settings, anchor=anchor))
+    with torch.no_grad():
+        start_loss = float(torch.nn.functional.cross_entropy(
+            backend._target_logits([fact]), torch.tensor([ids[p] for p in fact.target_positions])
+        ))
+    assert held_kl < 0.5 * free_kl
+    assert held_loss < start_loss - 0.5
+
+
 def test_a_committed_consolidation_keeps_weights_and_folder_agreed_and_survives_a_restart(
     tokenizer, tmp_path, recalling
 ):
