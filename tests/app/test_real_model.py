@@ -97,6 +97,12 @@ async def test_a_fact_is_answered_from_the_weights_while_a_sleep_runs_and_esc_st
         )
         watch.stop()
         assert any(streamed_while_sleeping), "the reply streamed while the cycle ran"
+        # The panel handles the report first; the app's note follows when the message reaches it.
+        await wait_until(
+            pilot,
+            lambda: has_note(app, "slept: ") or has_note(app, "sleep rolled back"),
+            what="the sleep's note",
+        )
         assert has_note(app, "slept: ")
         assert str(table.get_cell(memory.id, "recall")).startswith(("✓", "✗"))  # measured now
         assert "last sleep: recall" in str(activity.content)
