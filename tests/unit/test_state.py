@@ -476,6 +476,28 @@ def _fill(disk: Path, leave: int) -> None:
     os.truncate(filler, max(0, filler.stat().st_size - leave))
 
 
+def _commit_as_room_grows(folder, commit, squeeze, rooms) -> int:
+    """Try ``commit`` with ``squeeze(room)`` bytes free for each of ``rooms`` until it fits
+    (``squeeze(None)`` frees the disk again). Every failure must say that the disk is full
+    and leave the folder as it was. Returns how many failed."""
+    before = _files(folder.root)
+    failures = 0
+    for room in rooms:
+        squeeze(room)
+        try:
+            commit()
+        except StateError as e:
+            failures += 1
+            assert "is full (No space left on device); nothing was changed" in str(e)
+            assert _files(folder.root) == before
+            assert not (folder.root / ".txn").exists()
+            continue
+        finally:
+            squeeze(None)
+        return failures
+    pytest.fail("the commit never found room")
+
+
 def test_a_full_disk_changes_nothing_whatever_step_it_stops(tiny_disk):
     root = tiny_disk / "s"
     with StateFolder.open(root) as folder:
@@ -484,23 +506,17 @@ def test_a_full_disk_changes_nothing_whatever_step_it_stops(tiny_disk):
         big = {1: (np.tile(u, (1, 200)), np.tile(v, (200, 1)))}  # a 16 KiB delta: many pages
         ledger = folder.ledger(FP, "tiny")
         second = Memory.new(Fact("Bo Strand", "plays the", "cello"))
-        before = _files(root)
-        failures = 0
-        for leave in range(0, 80_000, 4096):
-            _fill(tiny_disk, leave)
-            try:
-                folder.commit(ledger.upsert(second), {second.id: big})
-            except StateError as e:
-                failures += 1
-                assert "is full (No space left on device); nothing was changed" in str(e)
-                assert _files(root) == before
-                assert not (root / ".txn").exists()
-                continue
-            finally:
+
+        def squeeze(leave):
+            if leave is None:
                 (tiny_disk / "filler").unlink()
-            break
-        else:
-            pytest.fail("the commit never found room")
+            else:
+                _fill(tiny_disk, leave)
+
+        failures = _commit_as_room_grows(
+            folder, lambda: folder.commit(ledger.upsert(second), {second.id: big}),
+            squeeze, range(0, 80_000, 4096),
+        )
         assert failures >= 3  # it failed at several steps of staging before it fit
         assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id, second.id]
         assert folder.read_delta(second, SHAPES)[1][0].shape == (8, 200)
@@ -537,23 +553,10 @@ def test_running_out_of_room_at_any_byte_of_a_commit_changes_nothing(tmp_path, d
         big = {1: (np.tile(u, (1, 50)), np.tile(v, (50, 1)))}
         ledger = folder.ledger(FP, "tiny")
         second = Memory.new(Fact("Bo Strand", "plays the", "cello"))
-        before = _files(root)
-        failures = 0
-        for room in range(0, 200_000, 1500):
-            disk_budget[0] = room
-            try:
-                folder.commit(ledger.upsert(second), {second.id: big})
-            except StateError as e:
-                failures += 1
-                assert "is full (No space left on device); nothing was changed" in str(e)
-                assert _files(root) == before
-                assert not (root / ".txn").exists()
-                continue
-            finally:
-                disk_budget[0] = None
-            break
-        else:
-            pytest.fail("the commit never found room")
+        failures = _commit_as_room_grows(
+            folder, lambda: folder.commit(ledger.upsert(second), {second.id: big}),
+            lambda room: disk_budget.__setitem__(0, room), range(0, 200_000, 1500),
+        )
         assert failures >= 5  # it ran out at several steps of staging before it fit
     with StateFolder.open(root) as folder:
         assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id, second.id]
