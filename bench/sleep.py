@@ -65,7 +65,8 @@ def sleep_phase(
         console.print(
             f"  {name} cycle {cycle}: recall {r.recall:.3f} degraded {r.degraded} refreshed {r.refreshed} "
             f"pruned {r.pruned} ΔPPL {100 * r.ppl_change:+.2f}% {r.seconds:.1f}s"
-            f"{' ROLLED BACK' if r.rolled_back else ''}"
+            + (f" ROLLED BACK (tried ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
+               if r.rolled_back else "")
         )
         prev = [x for x in rows if x["phase"] == name]
         if (

@@ -262,6 +262,13 @@ def _measured(r) -> tuple[str, ...]:
     return f"{r.recall:.2f}", f"{r.chat_recall:.2f}", f"{100 * r.ppl_change:+.2f}%", f"{r.seconds:.1f}"
 
 
+def _rolled_back(r) -> str:
+    """"rolled back", with the perplexity change that was refused where it is known."""
+    if r.ppl_tried is None:
+        return "rolled back"
+    return f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
+
+
 def _print_consolidations(reports, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps([_report_doc(r) for r in reports]))
@@ -277,9 +284,7 @@ def _print_consolidations(reports, as_json: bool) -> None:
                 str(r.advanced),
                 *(str(r.stages[k]) for k in stages),
                 *_measured(r),
-                f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
-                if r.rolled_back
-                else "",
+                _rolled_back(r) if r.rolled_back else "",
             )
             for r in reports
         ],
@@ -298,7 +303,7 @@ def _print_reports(reports) -> None:
                 str(r.refreshed),
                 str(r.pruned),
                 *_measured(r),
-                "rolled back" if r.rolled_back else ("converged" if r.converged else ""),
+                _rolled_back(r) if r.rolled_back else ("converged" if r.converged else ""),
             )
             for r in reports
         ],

@@ -42,6 +42,8 @@ class SleepReport:
     seconds: float
     converged: bool = False
     pruned_ids: tuple[str, ...] = ()
+    ppl_tried: float | None = None
+    """The perplexity measured after the refreshes (= ``ppl_after`` unless rolled back)."""
 
     @property
     def ppl_change(self) -> float:
@@ -164,6 +166,7 @@ def run_cycle(
         rolled_back=rolled_back,
         seconds=time.perf_counter() - started,
         pruned_ids=tuple(m.id for m in to_prune) if not rolled_back else (),
+        ppl_tried=ppl_after,
     )
 
 

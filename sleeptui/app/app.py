@@ -331,8 +331,12 @@ class SleeptuiApp(App[None]):
     def _slept(self, message: MemoryPanel.Slept) -> None:
         for r in message.reports:
             if r.rolled_back:
+                rise = (
+                    f" ({100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)" if r.ppl_tried else ""
+                )
                 self.chat.note(
-                    "sleep rolled back: perplexity would have risen too much; nothing changed",
+                    f"sleep rolled back: perplexity would have risen too much{rise}; "
+                    "nothing changed",
                     "warning",
                 )
                 continue

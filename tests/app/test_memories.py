@@ -96,6 +96,8 @@ async def test_sleep_shows_progress_and_updates_the_table_while_a_reply_streams(
         await wait_until(pilot, lambda: not app.panel.sleeping, what="the cycle to end")
         assert all(str(app.panel.table.get_cell(m.id, "recall")) == "✓✓" for m in engine.memories)
         assert str(app.panel.table.get_cell("m0002", "fact").style) == ""  # refreshed
+        # The panel handles the report first; the app's note follows when the message reaches it.
+        await wait_until(pilot, lambda: has_note(app, "slept: "), what="the sleep's note")
         assert has_note(app, "slept: 2 healthy, 1 degraded, 1 refreshed, 0 pruned · recall 100%")
         assert "perplexity 21.37 → 21.41" in str(activity.content)
 
