@@ -427,15 +427,21 @@ def test_truncated_delta_without_a_good_copy_is_a_clear_error_and_nothing_is_los
     assert _files(root) == before
 
 
-# -- file systems that refuse writes (need root to mount) -----------------------------------
+# -- file systems that refuse writes --------------------------------------------------------
+# Each case runs twice: on a real file system mounted for it (root only), and with the kernel's
+# refusal (ENOSPC, EROFS) raised at the os calls the state folder writes through, which needs
+# no privileges, so that the guarantee is tested everywhere.
 
 
 def _mount(*args):
     if os.geteuid() != 0:
-        pytest.skip("mounting a file system for this test needs root")
+        pytest.skip("mounting needs root; the same case runs without a mount beside this one")
     done = subprocess.run(["mount", *args], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount here ({done.stderr.strip()})")
+        pytest.skip(
+            f"cannot mount here ({done.stderr.strip()}); the same case runs without a mount "
+            "beside this one"
+        )
 
 
 @pytest.fixture
@@ -563,8 +569,45 @@ def test_running_out_of_room_at_any_byte_of_a_commit_changes_nothing(tmp_path, d
         assert folder.read_delta(second, SHAPES)[1][0].shape == (8, 50)
 
 
-def test_a_read_only_file_system_is_refused_at_open_but_reads_with_read_only(read_only_view):
-    source, view = read_only_view
+@pytest.fixture
+def refusing_view(tmp_path, monkeypatch):
+    """(a folder, another path to it whose every write fails with EROFS).
+
+    The read-only bind mount above, for machines where nothing can be mounted: every call
+    that creates, changes or removes a file or folder through the view's path raises what
+    the kernel raises on a read-only file system; reads go through.
+    """
+    import builtins
+    import io
+
+    source, view = tmp_path / "rw", tmp_path / "ro"
+    source.mkdir()
+    view.symlink_to(source, target_is_directory=True)
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def refuse(path) -> None:
+        if os.fspath(path).startswith(str(view)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    def guard(real, writing=lambda *a, **k: True):
+        def call(path, *args, **kwargs):
+            if writing(*args, **kwargs):
+                refuse(path)
+            return real(path, *args, **kwargs)
+        return call
+
+    for name in ("mkdir", "chmod", "replace", "rename", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    monkeypatch.setattr(os, "open", guard(os.open, lambda flags, *a, **k: bool(flags & writes)))
+    opener = guard(io.open, lambda mode="r", *a, **k: any(c in mode for c in "wax+"))
+    monkeypatch.setattr(io, "open", opener)
+    monkeypatch.setattr(builtins, "open", opener)
+    return source, view
+
+
+@pytest.mark.parametrize("views", ["read_only_view", "refusing_view"])
+def test_a_read_only_file_system_is_refused_at_open_but_reads_with_read_only(views, request):
+    source, view = request.getfixturevalue(views)
     with StateFolder.open(source / "s") as folder:
         memory = _commit_one(folder)
     before = _files(source / "s")
