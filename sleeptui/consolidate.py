@@ -138,18 +138,6 @@ def neighbours(engine: Engine, memories: Sequence[Memory], seed: int) -> list[Re
     return out
 
 
-def unsaid(engine: Engine, memories: Sequence[Memory]) -> list[Rendering]:
-    """Forgotten memories' own prompts and questions: a retrained adapter is held to what the
-    model says there without them (their deltas already reverted), so it cannot bring a
-    forgotten object back through what it learnt from similar facts."""
-    b = engine.backend
-    out = []
-    for m in memories:
-        out.append(renderings.completion(b, "", m.fact))
-        out += [renderings.chat_turn(b, q, m.fact) for q in m.questions]
-    return out
-
-
 def held(ledger: Ledger) -> list[Memory]:
     """Memories the current adapter was trained to hold and that are still in the ledger."""
     if ledger.adapter is None:
@@ -170,10 +158,12 @@ def train(
     unsay: Sequence[Memory] = (),
 ) -> tuple[Adapter, list[float]]:
     """Train an adapter to hold ``memories`` alone: their MEMIT deltas and the current adapter
-    are out of the weights (the caller's business); on ``general`` and on the facts'
-    relations about other people (:func:`neighbours`) the model is held to its own
-    distribution, and on ``unsay``'s prompts (:func:`unsaid`). ``seed`` orders the examples (each cycle its own, so a retry is not a
-    repeat)."""
+    are out of the weights (the caller's business). The model is held to its own
+    distribution on ``general``, on the facts' relations about other people
+    (:func:`neighbours`) and on ``unsay``'s own prompts and questions: forgotten memories,
+    their deltas already reverted, so that the adapter cannot bring a forgotten object back
+    through what it learnt from similar facts. ``seed`` orders the examples (each cycle its
+    own, so a retry is not a repeat)."""
     settings = replace(engine.lora, epochs=epochs, seed=engine.lora.seed if seed is None else seed)
     losses: list[float] = []
 
@@ -182,7 +172,7 @@ def train(
         if progress:
             progress("train", i, n)
 
-    anchor = general + neighbours(engine, memories, settings.seed) + unsaid(engine, unsay)
+    anchor = general + neighbours(engine, memories, settings.seed) + examples(engine, unsay)
     adapter = engine.backend.train_lora(
         examples(engine, memories), settings, init, step, cancel, anchor=anchor
     )
