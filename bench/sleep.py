@@ -3,10 +3,12 @@
 Phase A: inject facts one at a time *without* constraints until at least 3 are degraded (at T
 facts), and on up to 3·T facts; then sleep until converged (0 degraded two cycles running,
 at most 10). Phase B: inject 25% more and sleep again. Then 20 idle cycles with no new facts,
-to show there is no pruning death spiral. Prints the per-cycle table (the paper's Table 6
-columns plus chat recall, perplexity and seconds), writes bench/out/sleep.json and .png.
+to show there is no pruning death spiral. Last, forget 10 memories: their prompts must
+complete as the unedited model completes them, and the others keep their recall. Prints the
+per-cycle table (the paper's Table 6 columns plus chat recall, perplexity and seconds), writes
+bench/out/sleep.json and .png.
 
-    python bench/sleep.py [--max-facts 60] [--idle 20]
+    python bench/sleep.py [--max-facts 60] [--idle 20] [--forget 10]
 """
 
 from __future__ import annotations
@@ -78,11 +80,41 @@ def sleep_phase(
             break
 
 
+def forget_phase(engine: Engine, unedited: dict[str, str], n: int) -> dict:
+    """Forget ``n`` memories spread over the ledger; compare their prompts with the unedited
+    model's completions, and the others' recall with theirs before."""
+    memories = list(engine.memories)
+    gone = memories[:: max(1, len(memories) // n)][:n]
+    kept = [m for m in memories if m not in gone]
+    before = engine.check(kept)
+    reports = engine.forget_many([m.id for m in gone])
+    after = engine.check(kept)
+    as_unedited = [engine.complete(m.prompt) == unedited[m.prompt] for m in gone]
+    for m, same in zip(gone, as_unedited, strict=True):
+        if not same:
+            console.print(
+                f"  forgotten {m.subject!r}: {engine.complete(m.prompt)!r}, "
+                f"unedited {unedited[m.prompt]!r}"
+            )
+    held = [a.completion for b, a in zip(before, after, strict=True) if b.completion]
+    return {
+        "forgotten": len(gone),
+        "of": len(memories),
+        "completes_as_unedited": sum(as_unedited),
+        "still_said": sum(not r.verified for r in reports),
+        "others_recall_before": sum(b.completion for b in before) / len(kept),
+        "others_recall_after": sum(a.completion for a in after) / len(kept),
+        "others_kept_of_recalling": sum(held) / max(1, len(held)),
+        "repaired": reports[0].repaired if reports else 0,  # one repair for all
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--facts", type=Path)
     p.add_argument("--max-facts", type=int, default=60)
     p.add_argument("--idle", type=int, default=20)
+    p.add_argument("--forget", type=int, default=10)
     p.add_argument("--model")
     args = p.parse_args()
     facts = load_facts(args.facts)
@@ -91,6 +123,9 @@ def main() -> None:
         engine = Engine.open(model=args.model, state=state)
         engine.cfg = replace(engine.cfg, constrain_wake=False)  # the paper's wake: unconstrained
         ppl0 = engine.perplexity()
+        # What the unedited model says after each prompt: where a forgotten one must return.
+        pool = facts[: args.max_facts + args.max_facts // 4 + 1]
+        unedited = {f.prompt: engine.complete(f.prompt) for f in pool}
         n_a, start_a = inject(engine, facts, until_degraded=3, limit=args.max_facts)
         console.print(f"phase A: {n_a} facts, recall before sleep {start_a:.3f}")
         sleep_phase(engine, "A", rows, 10)
@@ -101,6 +136,9 @@ def main() -> None:
         sleep_phase(engine, "idle", rows, args.idle, stop_converged=False)
         ppl_end = engine.perplexity()
         entries, distinct = len(engine.ledger.memories), len({m.id for m in engine.ledger.memories})
+        forget = forget_phase(engine, unedited, args.forget) if args.forget else None
+        if forget:
+            console.print(f"forget: {forget}")
         engine.close()
 
     table = Table(title=f"sleep: phase A {n_a} facts, phase B +{n_b}, {args.idle} idle cycles")
@@ -148,6 +186,7 @@ def main() -> None:
         "facts_written": n_a + n_b,
         "ppl_drift_end_to_end_pct": 100 * (ppl_end / ppl0 - 1),
         "median_cycle_seconds": statistics.median(r["seconds"] for r in rows),
+        "forget": forget,
     }
     console.print(summary)
 

@@ -269,6 +269,17 @@ def _rolled_back(r) -> str:
     return f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
 
 
+def _sleep_note(r) -> str:
+    """What a committed cycle left undone to pass the perplexity check, and convergence."""
+    notes = []
+    if r.deferred:
+        notes.append(f"{r.deferred} refreshes left for the next cycle (ΔPPL with them "
+                     f"{100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)")
+    if r.converged:
+        notes.append("converged")
+    return "; ".join(notes)
+
+
 def _print_consolidations(reports, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps([_report_doc(r) for r in reports]))
@@ -303,7 +314,7 @@ def _print_reports(reports) -> None:
                 str(r.refreshed),
                 str(r.pruned),
                 *_measured(r),
-                _rolled_back(r) if r.rolled_back else ("converged" if r.converged else ""),
+                _rolled_back(r) if r.rolled_back else _sleep_note(r),
             )
             for r in reports
         ],

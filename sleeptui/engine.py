@@ -137,6 +137,8 @@ class Engine:
         self._weights = threading.RLock()
         self._writer = threading.RLock()
         self._last_ppl: float | None = None
+        # The perplexity of the weights the committed ledger describes, and that ledger.
+        self._measured: tuple[Ledger, float] | None = None
         self.fingerprint = fingerprint(backend)
         self.shapes = Shapes(backend.info.d_model, backend.info.d_ff, backend.info.n_layers)
         self.ledger: Ledger = folder.ledger(self.fingerprint, source.preset.name)
@@ -229,6 +231,14 @@ class Engine:
             )
             for m, c, a in zip(memories, comp, chat, strict=True)
         ]
+
+    def completes(self, memories: Sequence[Memory]) -> list[bool]:
+        """Completion recall alone (the object in the greedy completion of each prompt)."""
+        if not memories:
+            return []
+        b = self.backend
+        out = b.greedy([b.encode(m.prompt) for m in memories], RECALL_TOKENS)
+        return [_says(b.decode(o), m.object) for m, o in zip(memories, out, strict=True)]
 
     def forget(self, memory_id: str) -> ForgetReport:
         """Remove one memory; see :meth:`forget_many`."""
@@ -347,6 +357,8 @@ class Engine:
         with self._weights:
             snapshot = self.snapshot()
             try:
+                for memory in broken:
+                    self.revert(memory)
                 new = refresh(self, broken, healthy, None, None)
                 ledger = self.ledger
                 for m in broken:
@@ -372,6 +384,7 @@ class Engine:
             self._last_ppl = report.ppl_after
             if shadow is not self and not report.rolled_back:
                 self._adopt(shadow)
+            self._measured = shadow._measured
             return report
 
     def sleep_until_converged(
@@ -445,7 +458,7 @@ class Engine:
         revert when ``current`` is None and it was reverted) to ``scale``."""
         factors = self._factors.get(memory.id)
         if factors:
-            self._apply(memory, factors, scale - (0.0 if current is None else current))
+            self.apply_factors(factors, scale - (0.0 if current is None else current))
 
     def adapter_files(self, adapter: Adapter) -> dict[str, bytes]:
         base = self.source.preset.repo_id or self.source.preset.name
@@ -500,7 +513,7 @@ class Engine:
         """Take a memory's delta out of the weights (its factors stay known until commit)."""
         factors = self._factors.get(memory.id)
         if factors:
-            self._apply(memory, factors, -memory.scale)
+            self.apply_factors(factors, -memory.scale)
 
     def keys_of(self, memories: Sequence[Memory]) -> list[Keys]:
         """Key columns of memories (cached since they were written, else probed now)."""
@@ -542,9 +555,14 @@ class Engine:
             shadow._editor = Editor(clone, self.cfg, self._editor.c_inv)
         return shadow
 
-    def _apply(self, memory: Memory, factors: dict, scale: float) -> None:
+    def apply_factors(self, factors: dict, scale: float) -> None:
+        """W += scale · u @ v at each layer of ``factors``."""
         for layer, (u, v) in factors.items():
             self.backend.add_low_rank(layer, u, v, scale)
+
+    def factors_of(self, memory: Memory) -> dict:
+        """The committed factors of ``memory`` (empty if it has none)."""
+        return self._factors.get(memory.id, {})
 
     # -- talking -------------------------------------------------------------------
 
@@ -572,6 +590,17 @@ class Engine:
         total, count = self.backend.nll(reference_text())
         return float(np.exp(total / count))
 
+    def committed_perplexity(self) -> float:
+        """:meth:`perplexity` of the weights the committed ledger describes, measured once per
+        committed state: every change that is kept comes with a new ledger."""
+        if self._measured is None or self._measured[0] is not self.ledger:
+            self._measured = (self.ledger, self.perplexity())
+        return self._measured[1]
+
+    def note_perplexity(self, ppl: float) -> None:
+        """Record ``ppl`` as measured on the weights of the ledger just committed."""
+        self._measured = (self.ledger, ppl)
+
     def complete(self, prompt: str, max_new_tokens: int = 24) -> str:
         out = self.backend.greedy([self.backend.encode(prompt)], max_new_tokens)[0]
         return self.backend.decode(out)
@@ -596,6 +625,12 @@ class Engine:
             self._editor = Editor(self.backend, self.cfg, c_inv)
         return self._editor
 
+    def refresh_editor(self) -> Editor:
+        """The editor sleep refreshes with: wake's settings, with sleep's smaller clamp on δ."""
+        editor = self.editor()
+        cfg = replace(self.cfg, clamp_norm=self.sleep_cfg.refresh_clamp_norm)
+        return Editor(self.backend, cfg, editor.c_inv)
+
     def _constraint_keys(self) -> list[Keys]:
         return self.keys_of([m for m in self.memories if m.scale > 0])
 
@@ -606,7 +641,7 @@ class Engine:
             self._step("load", n, len(active))
             factors = self.folder.read_delta(memory, self.shapes)
             self._factors[memory.id] = factors
-            self._apply(memory, factors, memory.scale)
+            self.apply_factors(factors, memory.scale)
         files = self.folder.read_adapter(self.ledger)
         if files is not None:
             from sleeptui.errors import StateError

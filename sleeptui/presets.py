@@ -73,6 +73,10 @@ class SleepConfig:
             (measured by bench/wake.py for the preset).
         hours_full: Hours awake at which the time term is full.
         ppl_tolerance: Relative perplexity rise a sleep cycle may cause before it is rolled back.
+        refresh_clamp_norm: The clamp on δ of a sleep refresh (``EditConfig.clamp_norm`` is
+            wake's). Refreshes are written many at a time, so a smaller shift, with a second
+            pass for a memory that does not complete yet, keeps the cycle's perplexity in
+            bounds (bench/sleep.py; README "Sleep").
         prune_after: A memory that failed this many refreshes in a row is pruned (its delta
             removed, its entry kept and marked), never one that still recalls.
         max_cycles: The most cycles ``--until-converged`` runs.
@@ -92,6 +96,7 @@ class SleepConfig:
     wake_capacity: int = 40
     hours_full: float = 24.0
     ppl_tolerance: float = 0.01
+    refresh_clamp_norm: float = 0.75
     prune_after: int = 3
     max_cycles: int = 10
     consolidate: bool = False

@@ -17,12 +17,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from sleeptui.ledger import Ledger, Memory, Recall, now
 
 if TYPE_CHECKING:
     from sleeptui.engine import Engine
 
 Progress = Callable[[str, int, int], None]
+# Writes a refresh may take to make its memory complete again (see :func:`refresh`).
+REFRESH_PASSES = 2
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,11 @@ class SleepReport:
     converged: bool = False
     pruned_ids: tuple[str, ...] = ()
     ppl_tried: float | None = None
-    """The perplexity measured after the refreshes (= ``ppl_after`` unless rolled back)."""
+    """The perplexity measured after all the refreshes (``ppl_after`` is what was kept)."""
+    exposed: int = 0
+    """Healthy memories that recalled only with a degraded one's help, refreshed as well."""
+    deferred: int = 0
+    """Refreshes undone to pass the perplexity check, left for the next cycle."""
 
     @property
     def ppl_change(self) -> float:
@@ -81,6 +89,33 @@ def audit(engine: Engine, memories: tuple[Memory, ...], progress: Progress | Non
     return recalls
 
 
+def expose(
+    engine: Engine, healthy: list[Memory], reverted: list[Memory]
+) -> tuple[list[Memory], list[Memory]]:
+    """Revert ``reverted``, then find the healthy memories that only recalled with their help.
+
+    Memories written without constraints lean on each other: taking a degraded memory's delta
+    out can take away part of what made a healthy one recall. Those are reverted and refreshed
+    as well, or the cycle would end with new degraded memories. Repeats until no revert
+    exposes another (at most ``len(healthy)`` rounds, each one greedy completion per memory).
+
+    Returns:
+        (still healthy, exposed), in ledger order.
+    """
+    for memory in reverted:
+        engine.revert(memory)
+    exposed: list[Memory] = []
+    while healthy:
+        lost = [m for m, ok in zip(healthy, engine.completes(healthy), strict=True) if not ok]
+        if not lost:
+            break
+        for memory in lost:
+            engine.revert(memory)
+        exposed += lost
+        healthy = [m for m in healthy if m not in lost]
+    return healthy, exposed
+
+
 def refresh(
     engine: Engine,
     degraded: list[Memory],
@@ -88,27 +123,46 @@ def refresh(
     progress: Progress | None,
     cancel: threading.Event | None,
 ) -> dict[str, dict]:
-    """Lines 6–9: revert each degraded memory, then re-solve it with null-space constraints.
+    """Lines 6–9: re-solve each (already reverted) degraded memory with null-space constraints.
 
-    The constraints are the keys of every healthy memory and of those refreshed earlier in
-    this cycle, so a refresh cannot undo another one.
+    The constraints are the keys of every protected memory and of those refreshed earlier in
+    this cycle, so a refresh cannot undo another one. A refresh shifts the residual stream by
+    at most ``refresh_clamp_norm`` · ‖h‖ (less than a wake edit), and is checked at once; one
+    that does not complete yet gets a second pass from where the first left the model, and
+    the memory's delta is the sum of both (rank two per layer, still one entry per fact).
     """
-    for memory in degraded:
-        engine.revert(memory)
     keys = engine.keys_of(protected)
     new: dict[str, dict] = {}
+    editor = engine.refresh_editor()
     for i, memory in enumerate(degraded):
         if cancel is not None and cancel.is_set():
             raise Cancelled
         if progress:
             progress("refresh", i, len(degraded))
-        [edit] = engine.editor().write([memory.fact], constraints=keys)
-        new[memory.id] = edit.factors
+        [edit] = editor.write([memory.fact], constraints=keys)
+        factors = edit.factors
+        for _ in range(REFRESH_PASSES - 1):
+            if engine.completes([memory]) == [True]:
+                break
+            [edit] = editor.write([memory.fact], constraints=keys)
+            factors = stack_factors(factors, edit.factors)
+        new[memory.id] = factors
         keys.append(edit.keys)
         engine.remember_keys(memory.id, edit.keys)
     if progress:
         progress("refresh", len(degraded), len(degraded))
     return new
+
+
+def stack_factors(first: dict, second: dict) -> dict:
+    """The factors of ΔW₁ + ΔW₂ per layer: u side by side, v stacked (ranks add)."""
+    return {
+        layer: (
+            np.concatenate([u, second[layer][0]], axis=1),
+            np.concatenate([v, second[layer][1]]),
+        )
+        for layer, (u, v) in first.items()
+    }
 
 
 def run_cycle(
@@ -117,13 +171,19 @@ def run_cycle(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> SleepReport:
-    """One sleep cycle as a transaction: it commits whole or is rolled back whole."""
+    """One sleep cycle as a transaction: what it keeps is committed at once, the rest undone.
+
+    If the perplexity check fails, the cycle keeps as many of its refreshes as pass it (see
+    :func:`within_tolerance`); the memories whose refresh was undone keep an empty delta and
+    their entry, marked degraded, for the next cycle. When no refresh passes, the cycle is
+    rolled back whole.
+    """
     cfg = engine.sleep_cfg
     started = time.perf_counter()
     snapshot = engine.snapshot()
     if progress:
         progress("perplexity", 0, 2)
-    ppl_before = engine.perplexity()
+    ppl_before = engine.committed_perplexity()
     active = tuple(m for m in engine.memories if m.scale > 0)
     recalls = audit(engine, active, progress)
     healthy = [m for m, r in zip(active, recalls, strict=True) if r.completion]
@@ -131,25 +191,40 @@ def run_cycle(
     to_prune = [m for m in degraded if _failed_refreshes(m) >= cfg.prune_after]
     to_refresh = [m for m in degraded if m not in to_prune]
     try:
-        for m in to_prune:
-            engine.revert(m)
-        new_factors = refresh(engine, to_refresh, healthy, progress, cancel)
+        protected, exposed = expose(engine, healthy, to_prune + to_refresh)
+        # The exposed recalled until this cycle: they are put right first, so that a cycle
+        # that can keep only part of its work keeps theirs.
+        to_refresh = exposed + to_refresh
+        new_factors = refresh(engine, to_refresh, protected, progress, cancel)
         if progress:
             progress("perplexity", 1, 2)
-        ppl_after = engine.perplexity()
-        after = audit(engine, active, None) if to_refresh or to_prune else recalls
+        changed = bool(to_refresh or to_prune)
+        ppl_tried = ppl_after = engine.perplexity() if changed else ppl_before
+        rolled_back = ppl_after / ppl_before - 1 > cfg.ppl_tolerance
+        deferred: list[Memory] = []
+        if rolled_back and len(to_refresh) > 1:
+            kept, ppl_after = within_tolerance(
+                engine, to_refresh, new_factors, ppl_before, cfg.ppl_tolerance, progress
+            )
+            # The memories past the k kept stay reverted: none of them recalls in this state
+            # (each was degraded, or exposed), and the next cycle refreshes them.
+            deferred = to_refresh[kept:]
+            to_refresh = to_refresh[:kept]
+            new_factors = {m.id: new_factors[m.id] for m in to_refresh}
+            rolled_back = kept == 0
+        after = audit(engine, active, None) if changed and not rolled_back else recalls
     except BaseException:
         engine.restore(snapshot)
         raise
-    rolled_back = ppl_after / ppl_before - 1 > cfg.ppl_tolerance
     if rolled_back:
         engine.restore(snapshot)
-        after = recalls
     else:
         ledger = _updated_ledger(
-            engine.ledger, active, recalls, after, new_factors, to_prune, ppl_before
+            engine.ledger, active, recalls, after, new_factors, to_prune, ppl_before, deferred
         )
-        engine.commit_cycle(ledger, new_factors, [m.id for m in to_prune], snapshot)
+        writes = new_factors | {m.id: {} for m in deferred}  # an empty delta: edits nothing
+        engine.commit_cycle(ledger, writes, [m.id for m in to_prune], snapshot)
+        engine.note_perplexity(ppl_after)
     if progress:
         progress("perplexity", 2, 2)
     n = max(1, len(active))
@@ -166,8 +241,53 @@ def run_cycle(
         rolled_back=rolled_back,
         seconds=time.perf_counter() - started,
         pruned_ids=tuple(m.id for m in to_prune) if not rolled_back else (),
-        ppl_tried=ppl_after,
+        ppl_tried=ppl_tried,
+        exposed=len(exposed),
+        deferred=0 if rolled_back else len(deferred),
     )
+
+
+def within_tolerance(
+    engine: Engine,
+    refreshed: list[Memory],
+    new: dict[str, dict],
+    ppl_before: float,
+    tolerance: float,
+    progress: Progress | None,
+) -> tuple[int, float]:
+    """The most refreshes, in the order they were written, that pass the perplexity check.
+
+    Each refresh was solved on the weights the ones before it left, with the later memories
+    reverted, so undoing the last n − k refreshes gives back exactly the state after the k-th.
+    Bisection over k, one perplexity measurement per step; the weights are left at the k found.
+
+    Returns:
+        (k, the perplexity at k).
+    """
+    at = len(refreshed)
+
+    def move_to(k: int) -> None:
+        nonlocal at
+        for m in refreshed[k:at]:
+            engine.apply_factors(new[m.id], -1.0)
+        for m in refreshed[at:k]:
+            engine.apply_factors(new[m.id], 1.0)
+        at = k
+
+    lo, hi, ppl_lo = 0, len(refreshed), ppl_before
+    steps = max(1, (len(refreshed) - 1).bit_length())
+    while hi - lo > 1:
+        if progress:
+            progress("perplexity gate", steps - (hi - lo - 1).bit_length(), steps)
+        mid = (lo + hi) // 2
+        move_to(mid)
+        ppl = engine.perplexity()
+        if ppl / ppl_before - 1 <= tolerance:
+            lo, ppl_lo = mid, ppl
+        else:
+            hi = mid
+    move_to(lo)
+    return lo, ppl_lo
 
 
 def _updated_ledger(
@@ -178,15 +298,22 @@ def _updated_ledger(
     refreshed: dict[str, dict],
     pruned: list[Memory],
     ppl_before: float,
+    deferred: list[Memory] = (),
 ) -> Ledger:
     """Every audited memory's entry, updated in place: recall, degraded flag, history."""
     pruned_ids = {m.id for m in pruned}
+    deferred_ids = {m.id for m in deferred}
     for memory, first, last in zip(active, before, after, strict=True):
         m = memory.with_event("audited", completion=first.completion, chat=first.chat)
         if memory.id in refreshed:
             # A refresh writes the fact whole, so a consolidating memory starts over at 1.0.
             m = replace(m, scale=1.0, stage="wake").with_event(
                 "refreshed", completion=last.completion, chat=last.chat
+            )
+        if memory.id in deferred_ids:
+            # Its delta is now empty; the refresh that will write it again starts at 1.0.
+            m = replace(m, scale=1.0, stage="wake").with_event(
+                "refresh deferred", reason="over the perplexity tolerance; next cycle"
             )
         if memory.id in pruned_ids:
             m = (

@@ -344,6 +344,7 @@ class SleeptuiApp(App[None]):
                 f"slept: {r.healthy} healthy, {r.degraded} degraded, {r.refreshed} refreshed, "
                 f"{r.pruned} pruned · recall {r.recall:.0%} · perplexity {r.ppl_before:.2f} → "
                 f"{r.ppl_after:.2f} · {r.seconds:.1f}s"
+                + (f" · {r.deferred} left for the next cycle (perplexity)" if r.deferred else "")
             )
         if len(message.reports) > 1 or (message.reports and message.reports[-1].converged):
             state = "converged" if message.reports[-1].converged else "not converged"

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from sleeptui.errors import SleeptuiError, UnknownMemory
 from sleeptui.facts import Fact
 from sleeptui.ledger import Memory, Recall, now
+from sleeptui.sleep import Pressure, SleepReport
 
 REPLY = "I do not know much about that, but here is **a reply** streamed one word at a time."
 
@@ -25,34 +26,6 @@ class ForgetReport:
     memory: Memory
     verified: bool
     answer_after: str
-
-
-@dataclass(frozen=True)
-class SleepReport:
-    healthy: int
-    degraded: int
-    refreshed: int
-    pruned: int
-    recall: float
-    ppl_before: float
-    ppl_after: float
-    rolled_back: bool
-    seconds: float
-    converged: bool = False
-
-
-@dataclass(frozen=True)
-class Pressure:
-    value: float
-    healthy: int
-    degraded: int
-    total: int
-    capacity_left: int
-    threshold: float
-
-    @property
-    def due(self) -> bool:
-        return self.total > 0 and self.value >= self.threshold
 
 
 def wait(gate: threading.Event, stop: threading.Event | None, timeout: float = 10) -> bool:
@@ -176,11 +149,13 @@ class FakeEngine:
             )
         self.sleeps += 1
         return SleepReport(
+            cycle=1,
             healthy=len(active) - degraded,
             degraded=degraded,
             refreshed=degraded,
             pruned=0,
             recall=1.0,
+            chat_recall=1.0,
             ppl_before=21.37,
             ppl_after=21.41,
             rolled_back=False,
@@ -203,6 +178,7 @@ class FakeEngine:
             total=total,
             capacity_left=max(0, self.capacity - len(active)),
             threshold=self.threshold,
+            nap_threshold=1.0,  # the fake never naps by itself
         )
 
     def close(self) -> None:

@@ -196,6 +196,36 @@ def test_a_committed_sleep_refreshes_the_degraded_and_keeps_files_and_weights_ag
     assert_weights_are_base_plus_stored_factors(engine, base)
 
 
+def test_a_cycle_over_the_tolerance_keeps_what_fits_and_defers_the_rest(
+    engine, monkeypatch, tmp_path
+):
+    base = base_weights(engine.backend)
+    engine.remember(FACTS)  # the random model recalls none of them: all three are refreshed
+    # Perplexity as measured in turn: before the cycle, after all three refreshes (+20%), then
+    # the gate's bisection: the first refresh alone passes (+0.5%), the first two do not.
+    measured = iter([10.0, 12.0, 10.05, 10.5])
+    monkeypatch.setattr(Engine, "perplexity", lambda self: next(measured))
+    engine.sleep_cfg = replace(engine.sleep_cfg, ppl_tolerance=0.01)
+    report = engine.sleep()
+    assert not report.rolled_back
+    assert (report.refreshed, report.deferred) == (1, 2)
+    assert report.ppl_after == 10.05 and report.ppl_tried == 12.0
+    first, *rest = engine.memories
+    assert first.events[-1].kind == "refreshed"
+    assert [m.events[-1].kind for m in rest] == ["refresh deferred"] * 2
+    assert all(engine.folder.read_delta(m, engine.shapes) == {} for m in rest)  # empty deltas
+    assert engine.folder.read_delta(first, engine.shapes)
+    assert_weights_are_base_plus_stored_factors(engine, base)
+    engine.close()
+    for layer, w in base.items():
+        engine.backend.set_weight(layer, w)
+    reopened = Engine(engine.backend, SOURCE, StateFolder.open(tmp_path / "state"))
+    try:
+        assert_weights_are_base_plus_stored_factors(reopened, base)
+    finally:
+        reopened.close()
+
+
 def test_a_rolled_back_sleep_leaves_weights_and_files_as_they_were(engine):
     engine.remember(FACTS)
     weights = base_weights(engine.backend)
