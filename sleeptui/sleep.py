@@ -1,10 +1,11 @@
 """Sleep: Algorithm 1 of the convergence paper, one function per step, and sleep pressure.
 
-A cycle measures perplexity, audits every active memory, reverts each degraded one and
-re-solves it in place under null-space constraints that protect the healthy ones (and those
-already refreshed in this cycle), measures perplexity again and commits the whole cycle as
-one transaction — or rolls it back if the model got worse. A memory is only ever pruned after
-failing ``prune_after`` refreshes in a row, and pruning keeps its ledger entry: working
+A cycle measures perplexity, audits every active memory, reverts each degraded one (and the
+healthy ones that recalled only with its help) and re-solves it in place under null-space
+constraints that protect the healthy ones (and those already refreshed in this cycle),
+measures perplexity again and commits as one transaction: all its refreshes, or as many as
+keep the model within the perplexity tolerance, or nothing. A memory is only ever pruned
+after failing ``prune_after`` refreshes in a row, and pruning keeps its ledger entry: working
 memories are never deleted, and the ledger holds exactly one entry per fact.
 """
 
