@@ -65,8 +65,9 @@ def sleep_phase(
             }
         )
         console.print(
-            f"  {name} cycle {cycle}: recall {r.recall:.3f} degraded {r.degraded} refreshed {r.refreshed} "
-            f"pruned {r.pruned} ΔPPL {100 * r.ppl_change:+.2f}% {r.seconds:.1f}s"
+            f"  {name} cycle {cycle}: recall {r.recall:.3f} degraded {r.degraded} exposed {r.exposed} "
+            f"refreshed {r.refreshed} deferred {r.deferred} pruned {r.pruned} "
+            f"ΔPPL {100 * r.ppl_change:+.2f}% {r.seconds:.1f}s"
             + (f" ROLLED BACK (tried ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
                if r.rolled_back else "")
         )
@@ -149,6 +150,8 @@ def main() -> None:
         "chat",
         "degraded",
         "refreshed",
+        "exposed",
+        "deferred",
         "pruned",
         "ΔPPL %",
         "s",
@@ -163,6 +166,8 @@ def main() -> None:
             f"{r['chat_recall']:.3f}",
             str(r["degraded"]),
             str(r["refreshed"]),
+            str(r["exposed"]),
+            str(r["deferred"]),
             str(r["pruned"]),
             f"{100 * r['ppl_change']:+.2f}",
             f"{r['seconds']:.1f}",
@@ -185,6 +190,8 @@ def main() -> None:
         "distinct_ids": distinct,
         "facts_written": n_a + n_b,
         "ppl_drift_end_to_end_pct": 100 * (ppl_end / ppl0 - 1),
+        # Wake's own drift left out: from the model as phase A's injection left it.
+        "ppl_drift_over_sleep_pct": 100 * (ppl_end / rows[0]["ppl_before"] - 1) if rows else None,
         "median_cycle_seconds": statistics.median(r["seconds"] for r in rows),
         "forget": forget,
     }
