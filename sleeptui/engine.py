@@ -136,8 +136,8 @@ class Engine:
         # Generation and weight swaps take _weights; mutating operations take _writer.
         self._weights = threading.RLock()
         self._writer = threading.RLock()
-        self._last_ppl: float | None = None
-        # The perplexity of the weights the committed ledger describes, and that ledger.
+        # The perplexity of the weights a committed ledger describes, and that ledger (the
+        # last one a sleep measured: it also gives the drift term of the pressure).
         self._measured: tuple[Ledger, float] | None = None
         self.fingerprint = fingerprint(backend)
         self.shapes = Shapes(backend.info.d_model, backend.info.d_ff, backend.info.n_layers)
@@ -381,7 +381,6 @@ class Engine:
         with self._writer:
             shadow = self._shadow()
             report = run_cycle(shadow, cycle, progress, cancel)
-            self._last_ppl = report.ppl_after
             if shadow is not self and not report.rolled_back:
                 self._adopt(shadow)
             self._measured = shadow._measured
@@ -408,9 +407,9 @@ class Engine:
 
     def last_ppl_drift(self) -> float:
         """Relative perplexity change since the first edit, as last measured (0 if unknown)."""
-        if self._last_ppl is None or not self.ledger.ppl_base:
+        if self._measured is None or not self.ledger.ppl_base:
             return 0.0
-        return self._last_ppl / self.ledger.ppl_base - 1
+        return self._measured[1] / self.ledger.ppl_base - 1
 
     # -- the engine's own weights, for sleep and forget ----------------------------------
 
