@@ -14,6 +14,7 @@ bench/out/sleep.json and .png.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -22,13 +23,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_facts, write_outputs  # noqa: E402
+from common import OUT, load_facts, write_outputs  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from sleeptui.engine import Engine  # noqa: E402
 
 console = Console()
+PARTIAL = OUT / "sleep.partial.jsonl"  # one line per cycle as it ends: a killed run keeps its rows
+
+
+def log_row(row: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with PARTIAL.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def inject(engine: Engine, facts, until_degraded: int | None, limit: int) -> tuple[int, float]:
@@ -71,6 +79,7 @@ def sleep_phase(
             + (f" ROLLED BACK (tried ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
                if r.rolled_back else "")
         )
+        log_row(rows[-1])
         prev = [x for x in rows if x["phase"] == name]
         if (
             stop_converged
@@ -120,6 +129,7 @@ def main() -> None:
     args = p.parse_args()
     facts = load_facts(args.facts)
     rows: list[dict] = []
+    PARTIAL.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as state:
         engine = Engine.open(model=args.model, state=state)
         engine.cfg = replace(engine.cfg, constrain_wake=False)  # the paper's wake: unconstrained
@@ -140,6 +150,7 @@ def main() -> None:
         forget = forget_phase(engine, unedited, args.forget) if args.forget else None
         if forget:
             console.print(f"forget: {forget}")
+            log_row({"phase": "forget", **forget})
         engine.close()
 
     table = Table(title=f"sleep: phase A {n_a} facts, phase B +{n_b}, {args.idle} idle cycles")
