@@ -24,7 +24,7 @@ from sleeptui.paths import cache_dir, state_dir
 from sleeptui.presets import EditConfig, SleepConfig
 from sleeptui.sleep import Pressure, SleepReport, pressure, run_cycle
 from sleeptui.state import Shapes, StateFolder
-from sleeptui.wake import Editor, Keys
+from sleeptui.wake import Editor, Keys, WakeEdit
 
 Progress = Callable[[str, int, int], None]
 ANSWER_TOKENS = 200
@@ -193,7 +193,12 @@ class Engine:
         editor = self.editor()
         constraints = self._constraint_keys() if self.cfg.constrain_wake else []
         edits = editor.write(facts, constraints)
-        memories = [Memory.new(e.fact) for e in edits]
+        if self.cfg.retry_clamp_norm:
+            written = self._retry(editor, edits, constraints)
+        else:
+            written = [(e, self.cfg.clamp_norm) for e in edits]
+        edits = [e for e, _ in written]
+        memories = [Memory.new(e.fact, clamp=clamp) for e, clamp in written]
         ledger = self.ledger
         for memory in memories:
             ledger = ledger.upsert(memory)
@@ -210,6 +215,29 @@ class Engine:
             self._factors[m.id] = e.factors
             self._keys[m.id] = e.keys
         return memories
+
+    def _retry(self, editor: Editor, edits: list[WakeEdit], constraints: list[Keys]) -> list:
+        """Write again, with the larger retry clamp, the facts whose first write fell short.
+
+        A write falls short when the weights carry less of v*'s effect than asked: the target
+        NLL the edited model reaches with no shift is above ``retry_nll``. Those facts are
+        reverted and rewritten together, holding the facts that took (and ``constraints``).
+        Returns each fact's edit and the clamp it was written with.
+        """
+        cfg = self.cfg
+        failed = {i for i, e in enumerate(edits) if editor.achieved(e.fact) > cfg.retry_nll}
+        if not failed:
+            return [(e, cfg.clamp_norm) for e in edits]
+        for i in failed:
+            for layer, (u, v) in edits[i].factors.items():
+                self.backend.add_low_rank(layer, u, v, -1.0)
+        held = [e.keys for i, e in enumerate(edits) if i not in failed]
+        wider = editor.with_clamp(cfg.retry_clamp_norm)
+        redone = iter(wider.write([edits[i].fact for i in sorted(failed)], [*constraints, *held]))
+        return [
+            (next(redone), cfg.retry_clamp_norm) if i in failed else (e, cfg.clamp_norm)
+            for i, e in enumerate(edits)
+        ]
 
     def check(self, memories: Sequence[Memory]) -> list[Recall]:
         """Measure recall now: the object in the greedy completion and in the chat answer."""
@@ -626,9 +654,7 @@ class Engine:
 
     def refresh_editor(self) -> Editor:
         """The editor sleep refreshes with: wake's settings, with sleep's smaller clamp on δ."""
-        editor = self.editor()
-        cfg = replace(self.cfg, clamp_norm=self.sleep_cfg.refresh_clamp_norm)
-        return Editor(self.backend, cfg, editor.c_inv)
+        return self.editor().with_clamp(self.sleep_cfg.refresh_clamp_norm)
 
     def _constraint_keys(self) -> list[Keys]:
         return self.keys_of([m for m in self.memories if m.scale > 0])

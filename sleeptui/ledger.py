@@ -95,7 +95,8 @@ class Memory:
         return replace(self, events=(*self.events, Event(now(), kind, detail)))
 
     @classmethod
-    def new(cls, fact: Fact, memory_id: str | None = None) -> Memory:
+    def new(cls, fact: Fact, memory_id: str | None = None, **detail: Any) -> Memory:
+        """A memory of ``fact``, its first event "remembered" (with ``detail``)."""
         mid = memory_id or new_id()
         return cls(
             id=mid,
@@ -106,7 +107,7 @@ class Memory:
             questions=tuple(fact.questions),
             delta=f"deltas/{mid}.safetensors",
             created_at=now(),
-        ).with_event("remembered")
+        ).with_event("remembered", **detail)
 
 
 @dataclass(frozen=True)

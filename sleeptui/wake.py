@@ -8,7 +8,7 @@ each edit layer in turn the residual's share solved against Ĉ (eqs. 3–5).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -74,6 +74,21 @@ class Editor:
             {layer: _columns(keys[layer], labels, i) for layer in self.cfg.layers}
             for i in range(len(facts))
         ]
+
+    def with_clamp(self, clamp_norm: float) -> Editor:
+        """This editor with another clamp on δ (same backend and covariance)."""
+        return Editor(self.backend, replace(self.cfg, clamp_norm=clamp_norm), self.c_inv)
+
+    def achieved(self, fact: Fact) -> float:
+        """The target NLL of eq. 1 that the model reaches now with no shift (δ = 0).
+
+        After a write this says how much of v*'s effect the spread solve carried into the
+        weights: one evaluation of the v* objective, no gradient step.
+        """
+        r = self.render(fact)
+        problem = ShiftProblem(layer=self.cfg.v_layer, renderings=r.targets, kl_renderings=())
+        once = replace(self.cfg, v_steps=1, v_loss_stop=float("inf"))
+        return self.backend.optimise_shift(problem, once).loss
 
     def write(
         self, facts: Sequence[Fact], constraints: Sequence[Keys] = (), step: Step | None = None

@@ -157,6 +157,30 @@ def test_a_later_fact_leaves_the_earlier_facts_keys_almost_unmoved(engine):
         assert at_held < 0.05 * at_own
 
 
+def test_a_write_lowers_the_target_nll_the_model_reaches_without_a_shift(engine):
+    editor = engine.editor()
+    before = editor.achieved(FACTS[0])
+    engine.remember(FACTS[:1])
+    assert editor.achieved(FACTS[0]) < before
+
+
+def test_a_write_that_fell_short_is_redone_with_the_retry_clamp(engine):
+    """A clamp too small to move anything makes the first write fall short: the fact is
+    reverted and written again with the wider clamp, and only that write is stored."""
+    base = base_weights(engine.backend)
+    engine.cfg = replace(engine.cfg, clamp_norm=1e-9, retry_clamp_norm=4.0, retry_nll=0.0)
+    [memory] = engine.remember(FACTS[:1])
+    assert memory.events[0].kind == "remembered"
+    assert memory.events[0].detail == {"clamp": 4.0}
+    assert not np.allclose(engine.backend.weight(2), base[2], atol=1e-4)
+    assert_weights_are_base_plus_stored_factors(engine, base)
+    # A write that took is kept as it was.
+    engine.cfg = replace(engine.cfg, clamp_norm=2.0, retry_nll=float("inf"))
+    [second] = engine.remember(FACTS[1:2])
+    assert second.events[0].detail == {"clamp": 2.0}
+    assert_weights_are_base_plus_stored_factors(engine, base)
+
+
 def test_reopening_the_folder_gives_the_same_weights_and_answers(engine, tmp_path):
     base = base_weights(engine.backend)
     engine.remember(FACTS)
