@@ -101,3 +101,43 @@ def write_outputs(name: str, doc: dict, plot) -> tuple[Path, Path]:
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
+
+
+def first_tokens(engine: Engine, prompts: Sequence[str], n: int = 10) -> dict[str, tuple]:
+    """The first ``n`` greedy tokens after each prompt."""
+    b = engine.backend
+    outs = b.greedy([b.encode(p) for p in prompts], n)
+    return {p: tuple(o) for p, o in zip(prompts, outs, strict=True)}
+
+
+def forget_phase(
+    engine: Engine, unedited: dict[str, tuple], controls: Sequence[str], n: int
+) -> dict:
+    """Forget ``n`` memories spread over the ledger.
+
+    Their prompts' first 10 greedy tokens are compared with the unedited model's; so are the
+    prompts of ``controls``, facts never written, because the memories that stay also move
+    the answers about unknown people (near-ties on a small model): a forgotten prompt can
+    only be expected back as often as a never-written one is. The others' recall is measured
+    before and after.
+    """
+    memories = list(engine.memories)
+    gone = memories[:: max(1, len(memories) // n)][:n]
+    kept = [m for m in memories if m not in gone]
+    before = engine.check(kept)
+    reports = engine.forget_many([m.id for m in gone])
+    after = engine.check(kept)
+    now = first_tokens(engine, [m.prompt for m in gone] + list(controls))
+    held = [a.completion for b, a in zip(before, after, strict=True) if b.completion]
+    return {
+        "forgotten": len(gone),
+        "of": len(memories),
+        "still_said": sum(not r.verified for r in reports),
+        "as_unedited_10_tokens": sum(now[m.prompt] == unedited[m.prompt] for m in gone),
+        "controls_as_unedited_10_tokens": sum(now[p] == unedited[p] for p in controls),
+        "controls": len(controls),
+        "others_recall_before": sum(b.completion for b in before) / len(kept),
+        "others_recall_after": sum(a.completion for a in after) / len(kept),
+        "others_kept_of_recalling": sum(held) / max(1, len(held)),
+        "repaired": reports[0].repaired if reports else 0,  # one repair for all
+    }

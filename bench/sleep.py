@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, load_facts, write_outputs  # noqa: E402
+from common import OUT, first_tokens, forget_phase, load_facts, write_outputs  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -90,35 +90,6 @@ def sleep_phase(
             break
 
 
-def forget_phase(engine: Engine, unedited: dict[str, str], n: int) -> dict:
-    """Forget ``n`` memories spread over the ledger; compare their prompts with the unedited
-    model's completions, and the others' recall with theirs before."""
-    memories = list(engine.memories)
-    gone = memories[:: max(1, len(memories) // n)][:n]
-    kept = [m for m in memories if m not in gone]
-    before = engine.check(kept)
-    reports = engine.forget_many([m.id for m in gone])
-    after = engine.check(kept)
-    as_unedited = [engine.complete(m.prompt) == unedited[m.prompt] for m in gone]
-    for m, same in zip(gone, as_unedited, strict=True):
-        if not same:
-            console.print(
-                f"  forgotten {m.subject!r}: {engine.complete(m.prompt)!r}, "
-                f"unedited {unedited[m.prompt]!r}"
-            )
-    held = [a.completion for b, a in zip(before, after, strict=True) if b.completion]
-    return {
-        "forgotten": len(gone),
-        "of": len(memories),
-        "completes_as_unedited": sum(as_unedited),
-        "still_said": sum(not r.verified for r in reports),
-        "others_recall_before": sum(b.completion for b in before) / len(kept),
-        "others_recall_after": sum(a.completion for a in after) / len(kept),
-        "others_kept_of_recalling": sum(held) / max(1, len(held)),
-        "repaired": reports[0].repaired if reports else 0,  # one repair for all
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--facts", type=Path)
@@ -136,7 +107,8 @@ def main() -> None:
         ppl0 = engine.perplexity()
         # What the unedited model says after each prompt: where a forgotten one must return.
         pool = facts[: args.max_facts + args.max_facts // 4 + 1]
-        unedited = {f.prompt: engine.complete(f.prompt) for f in pool}
+        controls = [f.prompt for f in facts[200:220]]  # people no phase writes
+        unedited = first_tokens(engine, [f.prompt for f in pool] + controls)
         n_a, start_a = inject(engine, facts, until_degraded=3, limit=args.max_facts)
         console.print(f"phase A: {n_a} facts, recall before sleep {start_a:.3f}")
         sleep_phase(engine, "A", rows, 10)
@@ -147,7 +119,7 @@ def main() -> None:
         sleep_phase(engine, "idle", rows, args.idle, stop_converged=False)
         ppl_end = engine.perplexity()
         entries, distinct = len(engine.ledger.memories), len({m.id for m in engine.ledger.memories})
-        forget = forget_phase(engine, unedited, args.forget) if args.forget else None
+        forget = forget_phase(engine, unedited, controls, args.forget) if args.forget else None
         if forget:
             console.print(f"forget: {forget}")
             log_row({"phase": "forget", **forget})

@@ -321,8 +321,10 @@ class Engine:
                 for m, b, a in zip(others, before, after, strict=True)
                 if (b.completion and not a.completion) or (b.chat and not a.chat)
             ]
+            repaired = 0
             if broken:
-                self._repair(broken, [m for m in others if m not in broken and m.scale > 0])
+                healthy = [m for m in others if m not in broken and m.scale > 0]
+                repaired = self._repair(broken, healthy)
             reports = []
             for memory in memories:
                 answer = self.complete(memory.prompt)
@@ -330,7 +332,7 @@ class Engine:
                 said = _says(answer, memory.object) or _says(chat, memory.object)
                 reports.append(
                     ForgetReport(
-                        memory=memory, verified=not said, answer_after=answer, repaired=len(broken)
+                        memory=memory, verified=not said, answer_after=answer, repaired=repaired
                     )
                 )
             return reports
@@ -378,18 +380,23 @@ class Engine:
         record = consolidate.adapter_record(files, keep)
         return replace(ledger, adapter=record)
 
-    def _repair(self, broken: list[Memory], healthy: list[Memory]) -> None:
-        """Refresh memories a removal broke, protecting the healthy ones, in one commit."""
-        from sleeptui.sleep import refresh
+    def _repair(self, broken: list[Memory], healthy: list[Memory]) -> int:
+        """Refresh memories a removal broke, protecting the healthy ones, in one commit.
+
+        Reverting a broken memory can expose healthy ones that recalled only with its help
+        (:func:`sleeptui.sleep.expose`); those are refreshed with it, first, as a sleep cycle
+        does. Returns how many memories were rewritten.
+        """
+        from sleeptui.sleep import expose, refresh
 
         with self._weights:
             snapshot = self.snapshot()
             try:
-                for memory in broken:
-                    self.revert(memory)
-                new = refresh(self, broken, healthy, None, None)
+                healthy, exposed = expose(self, healthy, broken)
+                redo = [*exposed, *broken]
+                new = refresh(self, redo, healthy, None, None)
                 ledger = self.ledger
-                for m in broken:
+                for m in redo:
                     # The rewrite holds the fact whole again, whatever its stage was.
                     m = replace(m, scale=1.0, stage="wake")
                     ledger = ledger.upsert(m.with_event("refreshed", reason="repair after forget"))
@@ -397,6 +404,7 @@ class Engine:
             except BaseException:
                 self.restore(snapshot)
                 raise
+        return len(redo)
 
     def sleep(
         self,

@@ -208,6 +208,19 @@ def test_forget_leaves_exactly_the_other_memories_in_the_weights(engine):
     assert_weights_are_base_plus_stored_factors(engine, base)
 
 
+def test_the_repair_after_a_forget_rewrites_in_place_and_keeps_files_and_weights_agreed(engine):
+    """The repair step of forget: the broken memory, and any healthy one its revert exposed,
+    are rewritten under their own ids, and the weights are the base plus the stored factors."""
+    base = base_weights(engine.backend)
+    memories = engine.remember(FACTS)
+    rewritten = engine._repair([memories[0]], list(memories[1:]))
+    assert 1 <= rewritten <= len(FACTS)
+    assert [m.id for m in engine.memories] == [m.id for m in memories]
+    events = engine.ledger.get(memories[0].id).events
+    assert (events[-1].kind, events[-1].detail) == ("refreshed", {"reason": "repair after forget"})
+    assert_weights_are_base_plus_stored_factors(engine, base)
+
+
 def test_a_committed_sleep_refreshes_the_degraded_and_keeps_files_and_weights_agreed(engine):
     base = base_weights(engine.backend)
     engine.remember(FACTS)
