@@ -51,7 +51,7 @@ class EditConfig:
     cov_tokens: int = 8192
     lam_hold: float = 0.1
     retry_clamp_norm: float | None = None
-    retry_nll: float = 1.0
+    retry_nll: float = 0.6
 
     @property
     def v_layer(self) -> int:
