@@ -8,9 +8,11 @@ turn), so the answer can only come from the edit. Key presses are timed while th
 from __future__ import annotations
 
 import statistics
+import threading
 
 import pytest
 
+from sleeptui import sleep as sleep_steps
 from sleeptui.app import SleeptuiApp
 from sleeptui.app.screens import ConfirmScreen
 from tests.app.pilot import has_note, key_latencies_ms, ready, replies, send, wait_until
@@ -56,8 +58,19 @@ def report(what: str, timings: list[float]) -> float:
 
 
 async def test_a_fact_is_answered_from_the_weights_while_a_sleep_runs_and_esc_stops_a_reply(
-    engine,
+    engine, monkeypatch
 ):
+    # A cycle over one memory can end before a loaded machine streams the reply's first
+    # token. The cycle's audit waits until the reply has streamed: if a sleep blocked replies,
+    # neither would go on, and the wait runs out with the assertion below failing.
+    reply_streamed = threading.Event()
+    audit = sleep_steps.audit
+
+    def audit_once_the_reply_streams(*args, **kwargs):
+        reply_streamed.wait(timeout=REPLY_SECONDS)
+        return audit(*args, **kwargs)
+
+    monkeypatch.setattr(sleep_steps, "audit", audit_once_the_reply_streams)
     app = real_app(engine)
     async with app.run_test(size=(120, 36)) as pilot:
         await ready(pilot)
@@ -76,12 +89,13 @@ async def test_a_fact_is_answered_from_the_weights_while_a_sleep_runs_and_esc_st
         )
         await send(pilot, QUESTION)
         streamed_while_sleeping: list[bool] = []
-        watch = app.set_interval(
-            0.01,
-            lambda: streamed_while_sleeping.append(
-                app.panel.sleeping and bool(replies(app)[-1].text)
-            ),
-        )
+
+        def look() -> None:
+            streamed_while_sleeping.append(app.panel.sleeping and bool(replies(app)[-1].text))
+            if streamed_while_sleeping[-1]:
+                reply_streamed.set()
+
+        watch = app.set_interval(0.01, look)
         sleeping_ms = await key_latencies_ms(app, lambda: app.panel.sleeping, PRESSES)
         await wait_until(
             pilot, lambda: replies(app)[-1].done, timeout=REPLY_SECONDS, what="the answer"
