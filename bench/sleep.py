@@ -3,8 +3,9 @@
 Phase A: inject facts one at a time *without* constraints until at least 3 are degraded (at T
 facts), and on up to 3·T facts; then sleep until converged (0 degraded two cycles running,
 at most 10). Phase B: inject 25% more and sleep again. Then 20 idle cycles with no new facts,
-to show there is no pruning death spiral. Last, forget 10 memories: their prompts must
-complete as the unedited model completes them, and the others keep their recall. Prints the
+to show there is no pruning death spiral. Last, forget 10 memories: their prompts' first
+tokens are compared with the unedited model's, beside never-written controls, and the others'
+recall before and after (common.forget_phase). Prints the
 per-cycle table (the paper's Table 6 columns plus chat recall, perplexity and seconds), writes
 bench/out/sleep.json and .png.
 

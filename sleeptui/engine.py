@@ -207,8 +207,7 @@ class Engine:
             self.folder.commit(ledger, writes)
         except BaseException:
             for e in edits:  # the weights go back to the committed state
-                for layer, (u, v) in e.factors.items():
-                    self.backend.add_low_rank(layer, u, v, -1.0)
+                self.apply_factors(e.factors, -1.0)
             raise
         self.ledger = ledger
         for m, e in zip(memories, edits, strict=True):
@@ -216,7 +215,9 @@ class Engine:
             self._keys[m.id] = e.keys
         return memories
 
-    def _retry(self, editor: Editor, edits: list[WakeEdit], constraints: list[Keys]) -> list:
+    def _retry(
+        self, editor: Editor, edits: list[WakeEdit], constraints: list[Keys]
+    ) -> list[tuple[WakeEdit, float]]:
         """Write again, with the larger retry clamp, the facts whose first write fell short.
 
         A write falls short when the weights carry less of v*'s effect than asked: the target
@@ -229,8 +230,7 @@ class Engine:
         if not failed:
             return [(e, cfg.clamp_norm) for e in edits]
         for i in failed:
-            for layer, (u, v) in edits[i].factors.items():
-                self.backend.add_low_rank(layer, u, v, -1.0)
+            self.apply_factors(edits[i].factors, -1.0)
         held = [e.keys for i, e in enumerate(edits) if i not in failed]
         wider = editor.with_clamp(cfg.retry_clamp_norm)
         redone = iter(wider.write([edits[i].fact for i in sorted(failed)], [*constraints, *held]))
