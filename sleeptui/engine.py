@@ -654,7 +654,9 @@ class Engine:
                 progress=lambda i, n: self._step("covariance", i, n),
             )
             c_inv = {
-                layer: memit.inverse_covariance(self.backend.to_device(c, layer))
+                layer: memit.inverse_covariance(
+                    self.backend.to_device(c, layer), shrink=self.cfg.cov_shrink
+                )
                 for layer, c in cov.items()
             }
             self._editor = Editor(self.backend, self.cfg, c_inv)

@@ -19,12 +19,20 @@ import numpy as np
 Array = Any
 
 
-def inverse_covariance(c: Array, ridge: float = 1e-6) -> Array:
-    """Ĉ⁻¹ of eq. 2's covariance, with a tiny ridge (relative to its trace) for conditioning."""
+def inverse_covariance(c: Array, shrink: float = 0.0, ridge: float = 1e-6) -> Array:
+    """Ĉ⁻¹ of eq. 2's covariance, shrunk towards a multiple of the identity.
+
+    ``(1 − shrink)·Ĉ + shrink·(tr Ĉ / d)·I`` keeps the trace, so λ keeps its meaning. Ĉ is
+    estimated from a few times d_in samples of the model's own text, which underestimates
+    the variance of real text in Ĉ's weak directions; an edit solved against Ĉ alone leans
+    into exactly those directions. A tiny ridge (relative to the trace) keeps it well
+    conditioned.
+    """
     lin = _lib(c)
     d = c.shape[0]
     eye = _eye(d, c)
-    c = c + ridge * float(lin.trace(c)) / d * eye
+    mean_var = float(lin.trace(c)) / d
+    c = (1.0 - shrink) * c + (shrink + ridge) * mean_var * eye
     inv_chol = lin.linalg.solve(lin.linalg.cholesky(c), eye)
     return inv_chol.T @ inv_chol
 

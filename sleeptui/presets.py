@@ -25,6 +25,7 @@ class EditConfig:
         chat_keys: The chat turns' keys form a second key column per memory.
         constrain_wake: Wake edits hold other memories' keys at zero residual (eq. 5).
         cov_tokens: Token vectors sampled for the covariance C (a few times d_in suffice).
+        cov_shrink: Shrinkage of Ĉ towards (tr Ĉ / d)·I before it is inverted (0: none).
         lam_hold: The regularisation the held keys of eq. 5 see. Their columns of K are scaled
             by √(λ / lam_hold), so that a λ large enough to keep the new facts' edit small
             does not also loosen the hold on the old ones (equal to λ: the papers' eq. 5).
@@ -49,6 +50,7 @@ class EditConfig:
     chat_targets: bool = True
     chat_keys: bool = True
     cov_tokens: int = 8192
+    cov_shrink: float = 0.0
     lam_hold: float = 0.1
     retry_clamp_norm: float | None = None
     retry_nll: float = 0.6

@@ -27,6 +27,35 @@ def test_woodbury_solve_equals_direct_solve(rng):
     np.testing.assert_allclose(via_woodbury, direct, rtol=1e-8, atol=1e-10)
 
 
+def test_shrinkage_moves_the_covariance_towards_its_mean_variance_and_keeps_its_trace(rng):
+    c = _covariance(rng)
+    mean_var = np.trace(c) / D_IN
+    for shrink in (0.0, 0.5, 1.0):
+        shrunk = (1 - shrink) * c + shrink * mean_var * np.eye(D_IN)
+        np.testing.assert_allclose(np.trace(shrunk), np.trace(c))
+        np.testing.assert_allclose(
+            memit.inverse_covariance(c, shrink=shrink, ridge=0),
+            np.linalg.inv(shrunk),
+            rtol=1e-8,
+            atol=1e-10,
+        )
+
+
+def test_shrinkage_lowers_an_edits_reach_into_directions_the_sample_underweights(rng):
+    """Keys drawn with more variance in Ĉ's weak directions than Ĉ says (the case of real
+    text against the model's own samples) see less of a shrunk edit per unit it achieves."""
+    c = _covariance(rng)
+    weak = np.linalg.eigh(c)[1][:, : D_IN // 4]  # Ĉ's weakest quarter of directions
+    true_c = c + np.trace(c) / D_IN * (weak @ weak.T)
+    key = rng.normal(size=D_IN)
+
+    def reach(shrink):
+        v = memit.inverse_covariance(c, shrink=shrink) @ key
+        return v @ true_c @ v / (key @ v) ** 2
+
+    assert reach(0.5) < 0.8 * reach(0.0)
+
+
 def test_constrained_edit_leaves_protected_keys_unchanged(rng):
     c_inv = memit.inverse_covariance(_covariance(rng))
     new = rng.normal(size=(D_IN, 2))
