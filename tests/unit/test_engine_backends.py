@@ -14,8 +14,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from sleeptui import covariance, memit
 from sleeptui.engine import Engine, fingerprint
 from sleeptui.facts import Fact
+from sleeptui.paths import cache_dir
 from sleeptui.state import StateFolder
 
 from .tiny_llama import SOURCE, byte_tokenizer, tiny_backend
@@ -155,6 +157,20 @@ def test_a_later_fact_leaves_the_earlier_facts_keys_almost_unmoved(engine):
         at_held = np.linalg.norm(change @ held[layer].T, axis=0).max()
         at_own = np.linalg.norm(change @ own[layer].T, axis=0).min()
         assert at_held < 0.05 * at_own
+
+
+def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
+    engine.cfg = replace(engine.cfg, cov_shrink=0.7)
+    c_inv = engine.editor().c_inv
+    cfg = engine.cfg
+    cov = covariance.load_or_compute(
+        engine.backend, cfg.layers, cfg.cov_tokens, cache_dir(), engine.fingerprint
+    )
+    for layer in cfg.layers:
+        got = memit.to_numpy(c_inv[layer])
+        shrunk = memit.inverse_covariance(cov[layer], shrink=0.7)
+        np.testing.assert_allclose(got, shrunk, rtol=1e-4, atol=1e-6 * np.abs(shrunk).max())
+        assert not np.allclose(got, memit.inverse_covariance(cov[layer]), rtol=0.1)
 
 
 def test_a_write_lowers_the_target_nll_the_model_reaches_without_a_shift(engine):
