@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--shrink", default="0,0.3,0.5,0.7,0.9")
     p.add_argument("--model")
     args = p.parse_args()
+    if not args.text.is_file():
+        p.error(f"no text at {args.text}: pass --text FILE (paragraphs separated by blank lines)")
     shrinks = [float(s) for s in args.shrink.split(",")]
     paragraphs = [t for t in args.text.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     facts = [seen_only(f) for f in load_facts(args.facts)[: args.n]]

@@ -151,8 +151,8 @@ PRESETS: dict[str, Preset] = {
             repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             # From the sweeps in README.md ("Choosing the embedded model's settings"): a high v*
             # learning rate with an early stop needs a third of the steps. Ĉ, sampled from the
-            # model itself, is shrunk towards its mean variance: edits then reach real text a
-            # half to a third as much per unit they achieve, which allows a weaker λ (Ĉ here is
+            # model itself, is shrunk towards its mean variance: edits then reach real text
+            # about half as much per unit they achieve, which allows a weaker λ (Ĉ here is
             # a mean, E[k kᵀ]) and a wider clamp, for more chat answers at a quarter of the
             # perplexity drift (bench/sweep.py on two sets of 40 facts).
             edit=EditConfig(
