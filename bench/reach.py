@@ -27,9 +27,8 @@ from common import load_facts, seen_only  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from sleeptui import covariance, memit  # noqa: E402
+from sleeptui import memit  # noqa: E402
 from sleeptui.engine import Engine  # noqa: E402
-from sleeptui.paths import cache_dir  # noqa: E402
 
 GPL = Path("/usr/share/common-licenses/GPL-3")
 
@@ -58,9 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         engine = Engine.open(model=args.model, state=state)
         backend, cfg = engine.backend, engine.cfg
-        cov = covariance.load_or_compute(
-            backend, cfg.layers, cfg.cov_tokens, cache_dir(), engine.fingerprint
-        )
+        cov = engine.covariance()
         rows = [backend.encode(t) for t in paragraphs]
         text_keys, _ = backend.probe(rows, [list(range(len(r))) for r in rows], cfg.layers, None)
         fact_keys = engine.editor().keys(facts)

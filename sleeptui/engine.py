@@ -645,14 +645,7 @@ class Engine:
     def editor(self) -> Editor:
         """The MEMIT editor; the first call loads (or samples and caches) the covariance."""
         if self._editor is None:
-            cov = covariance.load_or_compute(
-                self.backend,
-                self.cfg.layers,
-                self.cfg.cov_tokens,
-                cache_dir(),
-                self.fingerprint,
-                progress=lambda i, n: self._step("covariance", i, n),
-            )
+            cov = self.covariance()
             c_inv = {
                 layer: memit.inverse_covariance(
                     self.backend.to_device(c, layer), shrink=self.cfg.cov_shrink
@@ -661,6 +654,17 @@ class Engine:
             }
             self._editor = Editor(self.backend, self.cfg, c_inv)
         return self._editor
+
+    def covariance(self) -> dict:
+        """Ĉ per edit layer (eq. 2), unshrunk: read from the cache, or sampled and cached."""
+        return covariance.load_or_compute(
+            self.backend,
+            self.cfg.layers,
+            self.cfg.cov_tokens,
+            cache_dir(),
+            self.fingerprint,
+            progress=lambda i, n: self._step("covariance", i, n),
+        )
 
     def refresh_editor(self) -> Editor:
         """The editor sleep refreshes with: wake's settings, with sleep's smaller clamp on δ."""

@@ -14,10 +14,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from sleeptui import covariance, memit
+from sleeptui import memit
 from sleeptui.engine import Engine, fingerprint
 from sleeptui.facts import Fact
-from sleeptui.paths import cache_dir
 from sleeptui.state import StateFolder
 
 from .tiny_llama import SOURCE, byte_tokenizer, tiny_backend
@@ -162,11 +161,8 @@ def test_a_later_fact_leaves_the_earlier_facts_keys_almost_unmoved(engine):
 def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
     engine.cfg = replace(engine.cfg, cov_shrink=0.7)
     c_inv = engine.editor().c_inv
-    cfg = engine.cfg
-    cov = covariance.load_or_compute(
-        engine.backend, cfg.layers, cfg.cov_tokens, cache_dir(), engine.fingerprint
-    )
-    for layer in cfg.layers:
+    cov = engine.covariance()
+    for layer in engine.cfg.layers:
         got = memit.to_numpy(c_inv[layer])
         shrunk = memit.inverse_covariance(cov[layer], shrink=0.7)
         np.testing.assert_allclose(got, shrunk, rtol=1e-4, atol=1e-6 * np.abs(shrunk).max())
