@@ -10,6 +10,7 @@ believes it costs. A text the project never fits anything to (the default is thi
 GPL-3 text) chooses the shrinkage; the perplexity reference stays held out.
 
     python bench/reach.py [--text FILE] [--facts FILE] [--n 40] [--shrink 0,0.3,0.5,0.7,0.9]
+                           [--cov-tokens T]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--shrink", default="0,0.3,0.5,0.7,0.9")
     p.add_argument("--model")
+    p.add_argument("--cov-tokens", type=int, help="sample Ĉ from this many tokens (cached)")
     args = p.parse_args()
     if not args.text.is_file():
         p.error(f"no text at {args.text}: pass --text FILE (paragraphs separated by blank lines)")
@@ -56,6 +59,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as state:
         engine = Engine.open(model=args.model, state=state)
+        if args.cov_tokens:
+            engine.cfg = replace(engine.cfg, cov_tokens=args.cov_tokens)
         backend, cfg = engine.backend, engine.cfg
         cov = engine.covariance()
         rows = [backend.encode(t) for t in paragraphs]

@@ -3,7 +3,8 @@
 Each setting is a JSON object of EditConfig overrides; the weights go back to the unedited
 model between settings. Prints one JSON line per setting: completion and chat recall of the N
 facts, unseen-paraphrase recall, perplexity change, the fraction of 40 unrelated chat answers
-(first 10 tokens) left unchanged, and the median seconds per fact.
+(first 10 tokens) left unchanged (also for the pool's 20 unwritten people and the 20 general
+questions apart), and the median seconds per fact.
 
     python bench/sweep.py 20 '{}' '{"lam": 1000}' '{"clamp_norm": 0.75, "lam": 1e4}'
 """
@@ -75,6 +76,8 @@ def main() -> None:
                 "chat_unseen": round(chat_recall(engine, facts, unseen=True), 3),
                 "ppl_change_pct": round(100 * (engine.perplexity() / ppl0 - 1), 2),
                 "unchanged": unchanged(before, after),
+                "unchanged_people": unchanged(before[:20], after[:20]),
+                "unchanged_general": unchanged(before[20:], after[20:]),
                 "median_s_per_fact": round(statistics.median(seconds), 2),
             }
             print(json.dumps(row), flush=True)
