@@ -35,11 +35,14 @@ class Rendering:
         ids: Token ids of the whole sequence, targets included (teacher forcing).
         subject_positions: Where the subject's last token stands; δ is added there.
         target_positions: Positions of the tokens whose log-probability is maximised.
+        inner_positions: The subject's other tokens (all but the last of each occurrence),
+            whose keys an edit can hold so that it leaves the name itself alone.
     """
 
     ids: tuple[int, ...]
     subject_positions: tuple[int, ...]
     target_positions: tuple[int, ...]
+    inner_positions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,17 @@ class FactRenderings:
 
 
 def subject_positions(backend: Backend, text: str, subject: str, start: int = 0) -> list[int]:
-    """Token positions of the last token of each occurrence of ``subject`` in ``text[start:]``.
+    """Token positions of the last token of each occurrence of ``subject`` in ``text[start:]``."""
+    return [span[-1] for span in subject_spans(backend, text, subject, start)]
+
+
+def inner_positions(backend: Backend, text: str, subject: str) -> list[int]:
+    """Token positions of the subject's tokens other than the last, over its occurrences."""
+    return [p for span in subject_spans(backend, text, subject) for p in span[:-1]]
+
+
+def subject_spans(backend: Backend, text: str, subject: str, start: int = 0) -> list[range]:
+    """The token positions of each occurrence of ``subject`` in ``text[start:]``.
 
     Relies on the tokeniser splitting before spaces and punctuation, so that the tokens of
     ``text[:end]`` are a prefix of the tokens of ``text``; occurrences where that does not
@@ -39,8 +49,10 @@ def subject_positions(backend: Backend, text: str, subject: str, start: int = 0)
     at = text.find(subject, start)
     while at >= 0:
         head = backend.encode(text[: at + len(subject)])
+        before = backend.encode(text[:at].rstrip(" ")) if at else []  # " Name" is one token
         if head and full[: len(head)] == head:
-            found.append(len(head) - 1)
+            first = len(before) if head[: len(before)] == before else len(head) - 1
+            found.append(range(first, len(head)))
         at = text.find(subject, at + len(subject))
     return found
 
@@ -54,6 +66,7 @@ def completion(backend: Backend, prefix: str, fact: Fact) -> Rendering:
         ids=tuple(ids + target),
         subject_positions=tuple(subject_positions(backend, context, fact.subject)),
         target_positions=tuple(range(len(ids), len(ids) + len(target))),
+        inner_positions=tuple(inner_positions(backend, context, fact.subject)),
     )
 
 
@@ -67,6 +80,7 @@ def chat_turn(backend: Backend, question: str, fact: Fact) -> Rendering:
         ids=tuple(ids + answer),
         subject_positions=tuple(subject_positions(backend, text, fact.subject)),
         target_positions=tuple(range(len(ids), len(ids) + len(answer))),
+        inner_positions=tuple(inner_positions(backend, text, fact.subject)),
     )
 
 

@@ -107,7 +107,7 @@ class Editor:
             shifts.append(backend.optimise_shift(problem, cfg))
         delta = np.stack([s.delta for s in shifts]).astype(np.float64)  # (n × d_out)
 
-        batch, positions, labels = _key_batch(rendered)
+        batch, positions, labels = _key_batch(rendered, inner=cfg.hold_name)
         h0 = None
         factors: list[Factors] = [{} for _ in facts]
         new_keys: list[Keys] = [{} for _ in facts]
@@ -125,6 +125,8 @@ class Editor:
                 new_keys[i][layer] = c
             k_new = np.concatenate(cols)  # (n_new × d_in)
             k_old = [c[layer] for c in constraints]
+            # With hold_name, the new subjects' other tokens are held as well.
+            k_old += [_columns(keys[layer], labels, i, inner=True) for i in range(len(facts))]
             k_held = np.concatenate(k_old) if k_old else np.zeros((0, k_new.shape[1]))
             k_all = memit.with_held_keys(  # (d_in × N), where the layer's algebra runs
                 backend.to_device(k_new.T, layer),
@@ -152,33 +154,43 @@ class Editor:
 
 
 def _key_batch(
-    rendered: Sequence[FactRenderings],
+    rendered: Sequence[FactRenderings], inner: bool = False
 ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], list[tuple[int, int]]]:
     """Flatten every fact's key groups into one probe batch.
 
-    Returns the token rows, their subject positions, and for each probed position
-    (flattened in row order) the (memory, group) it belongs to.
+    Returns the token rows, their probed positions, and for each probed position (flattened
+    in row order) the (memory, group) it belongs to. With ``inner``, the subject's other
+    tokens are probed too, each its own negative group (held one by one, not averaged).
     """
     batch, positions, labels = [], [], []
     for i, r in enumerate(rendered):
+        n_inner = 0
         for g, group in enumerate(r.key_groups):
             for rendering in group:
+                others = rendering.inner_positions if inner else ()
                 batch.append(rendering.ids)
-                positions.append(rendering.subject_positions)
+                positions.append(tuple(rendering.subject_positions) + tuple(others))
                 labels += [(i, g)] * len(rendering.subject_positions)
+                labels += [(i, -1 - n_inner - k) for k in range(len(others))]
+                n_inner += len(others)
     return batch, positions, labels
 
 
-def _columns(keys: np.ndarray, labels: list[tuple[int, int]], memory: int) -> np.ndarray:
-    """Memory ``memory``'s key columns: the mean key of each of its groups (n_groups × d_in)."""
-    groups = sorted({g for i, g in labels if i == memory})
+def _columns(
+    keys: np.ndarray, labels: list[tuple[int, int]], memory: int, inner: bool = False
+) -> np.ndarray:
+    """Memory ``memory``'s key columns: the mean key of each of its groups (n_groups × d_in);
+    with ``inner``, those of its subject's other tokens instead (possibly none)."""
+    groups = sorted({g for i, g in labels if i == memory and (g < 0) == inner})
     rows = np.asarray(labels)
+    if not groups:
+        return np.zeros((0, keys.shape[1]))
     return np.stack(
         [keys[(rows[:, 0] == memory) & (rows[:, 1] == g)].mean(axis=0) for g in groups]
     ).astype(np.float64)
 
 
 def _mean_by(values: np.ndarray, labels: list[tuple[int, int]], n: int) -> np.ndarray:
-    """Mean of ``values`` rows per memory (n × width)."""
-    own = np.asarray([i for i, _ in labels])
-    return np.stack([values[own == i].mean(axis=0) for i in range(n)])
+    """Mean of ``values`` rows per memory over its subject's last tokens (n × width)."""
+    rows = np.asarray(labels)
+    return np.stack([values[(rows[:, 0] == i) & (rows[:, 1] >= 0)].mean(axis=0) for i in range(n)])

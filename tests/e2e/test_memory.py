@@ -43,6 +43,20 @@ def test_unedited_model_does_not_already_know_the_facts(engine):
         assert fact.object.lower() not in engine.complete(fact.prompt).lower()
 
 
+def test_the_subjects_tokens_are_found_in_every_rendering(engine):
+    """Keys are read at the subject's last token and, with ``hold_name``, held at its other
+    tokens: both must cover exactly the name, whether it opens the text or follows a
+    prefix, a question or the chat template (where the tokeniser joins the space to it)."""
+    backend = engine.backend
+    raw, chat = engine.editor().render(ODA).key_groups
+    assert len(raw) == len(engine.cfg.prefixes) and len(chat) == len(ODA.questions)
+    for r, occurrences in [*((r, 1) for r in raw), *((r, 2) for r in chat)]:
+        assert len(r.subject_positions) == occurrences  # the question and the answer
+        spans = sorted((*r.inner_positions, *r.subject_positions))
+        names = backend.decode([r.ids[p] for p in spans]).replace(" ", "")
+        assert names == "OdaFjellheim" * occurrences
+
+
 def test_remembered_fact_is_recalled_in_completion_and_chat(engine):
     [memory] = engine.remember([ODA])
     assert "Tromsø" in engine.complete(ODA.prompt)

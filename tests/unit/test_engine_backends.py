@@ -158,6 +158,34 @@ def test_a_later_fact_leaves_the_earlier_facts_keys_almost_unmoved(engine):
         assert at_held < 0.05 * at_own
 
 
+def inner_name_keys(engine: Engine, fact: Fact, layer: int) -> np.ndarray:
+    """Keys at the subject's tokens other than its last, in the fact's own renderings."""
+    rendered = [r for group in engine.editor().render(fact).key_groups for r in group]
+    assert all(r.inner_positions for r in rendered)
+    keys, _ = engine.backend.probe(
+        [r.ids for r in rendered], [r.inner_positions for r in rendered], [layer], None
+    )
+    return keys[layer].astype(np.float64)
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_holding_the_name_leaves_its_other_tokens_almost_unmoved(engine, hold):
+    """With ``hold_name`` the edit's output at the subject's other tokens is small next to its
+    output at the subject's last token (at the first edit layer, whose keys the edit does
+    not move); without it, it is not held there."""
+    engine.cfg = replace(engine.cfg, hold_name=hold)
+    layer = engine.cfg.layers[0]
+    inner = inner_name_keys(engine, FACTS[0], layer)
+    before = engine.backend.weight(layer).astype(np.float64)
+    [memory] = engine.remember(FACTS[:1])
+    own = engine.keys_of([memory])[0][layer]
+    change = engine.backend.weight(layer).astype(np.float64) - before
+    ratio = np.linalg.norm(change @ inner.T, axis=0).max() / np.linalg.norm(
+        change @ own.T, axis=0
+    ).min()
+    assert (ratio < 0.05) == hold
+
+
 def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
     engine.cfg = replace(engine.cfg, cov_shrink=0.7)
     c_inv = engine.editor().c_inv
