@@ -44,12 +44,14 @@ def main() -> None:
     p.add_argument("--facts", type=Path)
     p.add_argument("--model")
     args = p.parse_args()
-    source = resolve(args.model)
-    backend = load_backend(source)
     pool = load_facts(args.facts)
     facts = pool[: args.n]
     if args.n > 200:
         p.error("N is at most 200: facts 200–219 of the pool are the unrelated people")
+    if len(pool) < 220:
+        p.error(f"the facts file has {len(pool)} facts; entries 200–219 are the unrelated people")
+    source = resolve(args.model)
+    backend = load_backend(source)
     unrelated = [f.questions[0] for f in pool[200:220]] + list(GENERAL_QUESTIONS)
     pristine = before = ppl0 = None
     for text in args.settings:
