@@ -27,18 +27,23 @@ class FactRenderings:
     kl: tuple[Rendering, ...]
 
 
-def subject_positions(backend: Backend, text: str, subject: str, start: int = 0) -> list[int]:
-    """Token positions of the last token of each occurrence of ``subject`` in ``text[start:]``."""
-    return [span[-1] for span in subject_spans(backend, text, subject, start)]
+def subject_positions(backend: Backend, text: str, subject: str) -> list[int]:
+    """Token positions of the last token of each occurrence of ``subject`` in ``text``."""
+    return [span[-1] for span in subject_spans(backend, text, subject)]
 
 
-def inner_positions(backend: Backend, text: str, subject: str) -> list[int]:
-    """Token positions of the subject's tokens other than the last, over its occurrences."""
-    return [p for span in subject_spans(backend, text, subject) for p in span[:-1]]
+def _positions(backend: Backend, text: str, subject: str) -> dict[str, tuple[int, ...]]:
+    """A rendering's subject positions (each occurrence's last token) and inner positions
+    (its other tokens), from one pass over the occurrences."""
+    spans = subject_spans(backend, text, subject)
+    return {
+        "subject_positions": tuple(span[-1] for span in spans),
+        "inner_positions": tuple(p for span in spans for p in span[:-1]),
+    }
 
 
-def subject_spans(backend: Backend, text: str, subject: str, start: int = 0) -> list[range]:
-    """The token positions of each occurrence of ``subject`` in ``text[start:]``.
+def subject_spans(backend: Backend, text: str, subject: str) -> list[range]:
+    """The token positions of each occurrence of ``subject`` in ``text``.
 
     Relies on the tokeniser splitting before spaces and punctuation, so that the tokens of
     ``text[:end]`` are a prefix of the tokens of ``text``; occurrences where that does not
@@ -46,7 +51,7 @@ def subject_spans(backend: Backend, text: str, subject: str, start: int = 0) -> 
     """
     full = backend.encode(text)
     found = []
-    at = text.find(subject, start)
+    at = text.find(subject)
     while at >= 0:
         head = backend.encode(text[: at + len(subject)])
         before = backend.encode(text[:at].rstrip(" ")) if at else []  # " Name" is one token
@@ -64,9 +69,8 @@ def completion(backend: Backend, prefix: str, fact: Fact) -> Rendering:
     target = backend.encode(" " + fact.object)
     return Rendering(
         ids=tuple(ids + target),
-        subject_positions=tuple(subject_positions(backend, context, fact.subject)),
         target_positions=tuple(range(len(ids), len(ids) + len(target))),
-        inner_positions=tuple(inner_positions(backend, context, fact.subject)),
+        **_positions(backend, context, fact.subject),
     )
 
 
@@ -78,9 +82,8 @@ def chat_turn(backend: Backend, question: str, fact: Fact) -> Rendering:
     text = context + fact.sentence
     return Rendering(
         ids=tuple(ids + answer),
-        subject_positions=tuple(subject_positions(backend, text, fact.subject)),
         target_positions=tuple(range(len(ids), len(ids) + len(answer))),
-        inner_positions=tuple(inner_positions(backend, text, fact.subject)),
+        **_positions(backend, text, fact.subject),
     )
 
 
