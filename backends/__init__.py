@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -70,6 +70,30 @@ class ShiftResult:
     steps: int
 
 
+@dataclass
+class ProbeResume:
+    """Lets successive probes of one batch start at the lowest layer changed since the last.
+
+    A probe given this object keeps the residual stream at the input of every layer it ran
+    (``inputs``, the backend's own). Before the next probe of the *same* batch, the caller
+    reports each layer whose weights it has changed; the next probe then restarts from the
+    kept input of the lowest such layer instead of from the embeddings. A MEMIT write probes
+    after each layer's edit, so the layers below it are not run again.
+    """
+
+    inputs: dict[Any, Any] = field(default_factory=dict)
+    clean: int = 0  # layers below this are as they were when ``inputs`` were kept
+
+    def changed(self, layer: int) -> None:
+        """``layer``'s weights have changed since the last probe."""
+        self.clean = min(self.clean, layer)
+
+    def start(self, key_layers: Sequence[int], hidden_layer: int | None) -> int:
+        """The first layer a probe must run: none below what changed, nor below what it reads."""
+        reads = [*key_layers, *([hidden_layer] if hidden_layer is not None else [])]
+        return min(self.clean, *reads)
+
+
 class Backend(Protocol):
     """The small interface every backend implements."""
 
@@ -104,11 +128,13 @@ class Backend(Protocol):
         positions: Sequence[Sequence[int]],
         key_layers: Sequence[int],
         hidden_layer: int | None,
+        resume: ProbeResume | None = None,
     ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
         """One forward pass: down_proj inputs (keys) and the residual stream at positions.
 
         Returns ``({layer: (n_positions_total, d_ff)}, (n_positions_total, d_model) or None)``,
-        rows in the order of ``positions`` flattened.
+        rows in the order of ``positions`` flattened. With ``resume`` (always with the same
+        batch and positions), the pass starts where :meth:`ProbeResume.start` says.
         """
         ...
 

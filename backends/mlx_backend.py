@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import cache as kv_cache
 from mlx_lm.models.llama import Model, ModelArgs
-from sleeptui.backends import ModelInfo, ShiftProblem, ShiftResult
+from sleeptui.backends import ModelInfo, ProbeResume, ShiftProblem, ShiftResult
 from transformers import AutoTokenizer
 
 GGUF_GROUP = 32  # llama.cpp's Q4_0, Q4_1 and Q8_0 blocks, as mlx reads them
@@ -234,13 +234,17 @@ class MLXBackend:
         positions: Sequence[Sequence[int]],
         key_layers: Sequence[int],
         hidden_layer: int | None,
+        resume: ProbeResume | None = None,
     ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
-        """Rows of similar length run together (right-padded, causal: pads are never seen)."""
+        """Rows of similar length run together (right-padded, causal: pads are never seen),
+        from the first layer ``resume`` says changed."""
         keys: dict[int, list[mx.array]] = {layer: [] for layer in key_layers}
         hidden: list[mx.array] = []
         order: list[int] = []  # flattened position index of each row gathered, in run order
         starts = np.cumsum([0, *(len(ps) for ps in positions)])
-        for rows in _buckets([len(r) for r in batch]):
+        last = max([*key_layers, -1 if hidden_layer is None else hidden_layer])
+        start = resume.start(key_layers, hidden_layer) if resume is not None else 0
+        for b, rows in enumerate(_buckets([len(r) for r in batch])):
             ids = _right_pad([batch[i] for i in rows], self.pad_id)
             width = ids.shape[1]
             flat = mx.array([j * width + p for j, i in enumerate(rows) for p in positions[i]])
@@ -248,16 +252,21 @@ class MLXBackend:
             for layer in key_layers:
                 self._down_proj(layer).tap = lambda k, layer=layer, at=at: keys[layer].append(at(k))
             try:
-                h = self.model.model.embed_tokens(ids)
-                last = max([*key_layers, -1 if hidden_layer is None else hidden_layer])
-                for layer, block in enumerate(self.model.layers[: last + 1]):
-                    h = block(h, "causal", None)
+                h = self.model.model.embed_tokens(ids) if start == 0 else resume.inputs[b, start]
+                for layer in range(start, last + 1):
+                    if resume is not None:
+                        resume.inputs[b, layer] = h
+                    h = self.model.layers[layer](h, "causal", None)
                     if layer == hidden_layer:
                         hidden.append(at(h))
+                if resume is not None:
+                    resume.inputs[b, last + 1] = h
             finally:
                 for layer in key_layers:
                     self._down_proj(layer).tap = None
             order += [n for i in rows for n in range(starts[i], starts[i + 1])]
+        if resume is not None:
+            resume.clean = last + 1
         back = np.argsort(order)  # run order → the order of ``positions``
         keys_np = {layer: np.array(mx.concatenate(ks))[back] for layer, ks in keys.items()}
         hidden_np = np.array(mx.concatenate(hidden))[back] if hidden else None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sleeptui.backends import ModelInfo, Rendering, ShiftProblem, ShiftResult
+from sleeptui.backends import ModelInfo, ProbeResume, Rendering, ShiftProblem, ShiftResult
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # Models up to this many bytes of weights are copied for sleep; larger ones sleep in place.
@@ -187,18 +187,20 @@ class TorchBackend:
         positions: Sequence[Sequence[int]],
         key_layers: Sequence[int],
         hidden_layer: int | None,
+        resume: ProbeResume | None = None,
     ) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
         """Keys and hidden states at ``positions``, running only what they depend on.
 
         A row is read only at its positions, so it is cut after the last one (attention is
         causal); rows are packed into sequences of about ``PROBE_TOKENS`` tokens and only the
-        layers up to the deepest one read are run.
+        layers up to the deepest one read are run, from the first one ``resume`` says changed.
         """
         top = max([*key_layers, *([hidden_layer] if hidden_layer is not None else [])])
+        start = resume.start(key_layers, hidden_layer) if resume is not None else 0
         keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
         hidden: list[torch.Tensor] = []
         inner = self.model.model
-        for pack in _pack_rows(batch, positions, PROBE_TOKENS):
+        for n, pack in enumerate(_pack_rows(batch, positions, PROBE_TOKENS)):
             at = torch.tensor(pack.at, device=self._device)
             hooks = []
             for layer in key_layers:
@@ -206,17 +208,26 @@ class TorchBackend:
                     keys[layer].append(args[0][0, at].float())
                 hooks.append(self._down_proj(layer).register_forward_pre_hook(grab))
             idx = (torch.tensor(pack.seq, device=self._device), torch.tensor(pack.pos, device=self._device))
-            h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
+            if start == 0:
+                h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
+            else:
+                h = resume.inputs[n, start]
+            inputs: list[torch.Tensor] = []
             try:
                 if hidden_layer is None:
-                    _decoder(inner, inner.layers[: top + 1], h, idx, idx)
+                    h = _decoder(inner, inner.layers[start : top + 1], h, idx, idx, inputs=inputs)
                 else:
-                    h = _decoder(inner, inner.layers[: hidden_layer + 1], h, idx, idx)
+                    h = _decoder(inner, inner.layers[start : hidden_layer + 1], h, idx, idx, inputs=inputs)
                     hidden.append(h[0, at].float())
-                    _decoder(inner, inner.layers[hidden_layer + 1 : top + 1], h, idx, idx)
+                    h = _decoder(inner, inner.layers[hidden_layer + 1 : top + 1], h, idx, idx, inputs=inputs)
             finally:
                 for hook in hooks:
                     hook.remove()
+            if resume is not None:
+                for layer, x in enumerate([*inputs, h], start=start):
+                    resume.inputs[n, layer] = x
+        if resume is not None:
+            resume.clean = top + 1
         out = {layer: torch.cat(k).cpu().numpy() for layer, k in keys.items()}
         return out, (torch.cat(hidden).cpu().numpy() if hidden_layer is not None else None)
 
@@ -650,16 +661,21 @@ def _pack_rows(
         yield pack
 
 
-def _decoder(inner, layers, hidden, queries, keys, cache=None) -> torch.Tensor:
+def _decoder(inner, layers, hidden, queries, keys, cache=None, inputs=None) -> torch.Tensor:
     """Run decoder ``layers`` over packed ``hidden`` (1 × T × d) as ``LlamaModel.forward`` does.
 
     ``queries`` and ``keys`` are (rendering, position) index pairs of the tokens in
-    ``hidden`` and of every token attended to (``cache``'s first, if given).
+    ``hidden`` and of every token attended to (``cache``'s first, if given). ``inputs``, if
+    given, collects the hidden state entering each layer.
     """
+    if len(layers) == 0:
+        return hidden
     position_ids = queries[1][None]  # (1, T)
     rope = inner.rotary_emb(hidden, position_ids)
     mask = _block_causal_mask(queries, keys, hidden.dtype)
     for layer in layers:
+        if inputs is not None:
+            inputs.append(hidden)
         hidden = layer(
             hidden,
             attention_mask=mask,

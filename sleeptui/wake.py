@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from sleeptui import memit
-from sleeptui.backends import Backend, ShiftProblem
+from sleeptui.backends import Backend, ProbeResume, ShiftProblem
 from sleeptui.facts import Fact
 from sleeptui.presets import EditConfig
 from sleeptui.renderings import FactRenderings, render
@@ -108,13 +108,14 @@ class Editor:
         delta = np.stack([s.delta for s in shifts]).astype(np.float64)  # (n × d_out)
 
         batch, positions, labels = _key_batch(rendered, inner=cfg.hold_name)
+        resume = ProbeResume()  # each probe reruns only the layers from the one just edited
         h0 = None
         factors: list[Factors] = [{} for _ in facts]
         new_keys: list[Keys] = [{} for _ in facts]
         for li, layer in enumerate(cfg.layers):
             if step:
                 step("solve", li, len(cfg.layers))
-            keys, hidden = backend.probe(batch, positions, [layer], cfg.v_layer)
+            keys, hidden = backend.probe(batch, positions, [layer], cfg.v_layer, resume)
             if h0 is None:
                 h0 = hidden
             # What the layers edited so far already achieved, per memory.
@@ -141,6 +142,7 @@ class Editor:
             for i, (u, v) in enumerate(layer_factors):
                 backend.add_low_rank(layer, u, v, 1.0)
                 factors[i][layer] = (u, v)
+            resume.changed(layer)
         return [
             WakeEdit(
                 fact=f,

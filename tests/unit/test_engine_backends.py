@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sleeptui import memit
+from sleeptui.backends import ProbeResume
 from sleeptui.engine import Engine, fingerprint
 from sleeptui.facts import Fact
 from sleeptui.state import StateFolder
@@ -128,6 +129,28 @@ def test_samples_are_reproducible_for_a_seed(backend):
     assert first == backend.sample(["ab", "xyz"], 10, seed=7)
     assert first != backend.sample(["ab", "xyz"], 10, seed=8)
     assert [row[:2] for row in first] == [backend.encode("ab"), backend.encode("xy")]
+
+
+def test_a_resumed_probe_reads_what_a_probe_from_the_embeddings_reads(backend, tokenizer):
+    """After layer 1's weights change, a probe resumed from its kept inputs gives the keys
+    and hidden states of a fresh probe, and so does a third one after no change at all."""
+    rows = [tokenizer.encode(t) for t in ("Oda Fjellheim lives in", "Rune plays", "a b c d e f g h")]
+    positions = [[3, len(rows[0]) - 1], [len(rows[1]) - 1], [0, 5]]
+    resume = ProbeResume()
+    backend.probe(rows, positions, [1], 3, resume)
+    assert resume.clean == 4
+    unchanged, _ = backend.probe(rows, positions, [2], None)
+    rng = np.random.default_rng(0)
+    d_out, d_in = backend.weight(1).shape
+    backend.add_low_rank(1, rng.normal(size=(d_out, 1)), rng.normal(size=(1, d_in)), 0.5)
+    resume.changed(1)
+    assert resume.start([2], 3) == 1
+    for _ in range(2):
+        keys, hidden = backend.probe(rows, positions, [2], 3, resume)
+        fresh_keys, fresh_hidden = backend.probe(rows, positions, [2], 3)
+        np.testing.assert_allclose(keys[2], fresh_keys[2], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hidden, fresh_hidden, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(keys[2], unchanged[2], rtol=1e-3, atol=1e-4)  # the change is seen
 
 
 # -- the engine on each backend --------------------------------------------------------
