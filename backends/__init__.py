@@ -54,11 +54,23 @@ class ShiftProblem:
         renderings: Contexts whose targets must become likely.
         kl_renderings: Contexts (subject's last token at the end) whose next-token
             distribution must stay as it was: the KL term.
+        shares: Each rendering's share of the target NLL, summing to 1; empty: equal
+            shares. A rendering's share is spread evenly over its target tokens.
     """
 
     layer: int
     renderings: tuple[Rendering, ...]
     kl_renderings: tuple[Rendering, ...]
+    shares: tuple[float, ...] = ()
+
+    def token_weights(self) -> list[float]:
+        """The weight of each target token in the NLL, renderings in order."""
+        shares = self.shares or (1.0 / len(self.renderings),) * len(self.renderings)
+        return [
+            share / len(r.target_positions)
+            for r, share in zip(self.renderings, shares, strict=True)
+            for _ in r.target_positions
+        ]
 
 
 @dataclass(frozen=True)

@@ -287,19 +287,12 @@ class MLXBackend:
     def optimise_shift(self, problem: ShiftProblem, cfg) -> ShiftResult:
         """δ at the output of ``problem.layer`` on the subject's last token (eq. 1).
 
-        The same objective as the torch backend: equally weighted renderings' target NLL,
+        The same objective as the torch backend: the renderings' target NLL (weighted by their shares),
         λ_KL · KL(p_δ ‖ p_0) at the KL prompts' last token, weight decay (‖δ‖/‖h‖)², Adam
         with bias correction, δ clamped to ``clamp_norm · ‖h‖`` after each step.
         """
         run = ShiftPass(self, problem)
-        edits = problem.renderings
-        weights = mx.array(
-            [
-                1.0 / (len(r.target_positions) * len(edits))
-                for r in edits
-                for _ in r.target_positions
-            ]
-        )
+        weights = mx.array(problem.token_weights())
         has_kl = bool(problem.kl_renderings)
 
         def objective(delta: mx.array, kl_ref: mx.array | None):

@@ -592,8 +592,8 @@ class _Layout:
     Per packed token: ``ids``, ``seq`` (which rendering), ``pos`` (position within it) and
     ``live`` (at or after the rendering's first subject or read position). Packed indices of
     the ``subject`` positions and of the ``reads``: each target position − 1, then each KL
-    prompt's last token. ``targets`` are the target token ids, ``weights`` their share of
-    the mean NLL (each rendering counts equally, whatever the length of its target).
+    prompt's last token. ``targets`` are the target token ids, ``weights`` their weight in
+    the NLL (each rendering counts by its share, whatever the length of its target).
     """
 
     ids: list[int] = field(default_factory=list)
@@ -625,8 +625,7 @@ class _Layout:
             lay.reads += [base + p for p in reads]
             if is_target:
                 lay.targets += [r.ids[p] for p in r.target_positions]
-                n = len(r.target_positions) * len(problem.renderings)
-                lay.weights += [1.0 / n] * len(r.target_positions)
+        lay.weights = problem.token_weights()
         return lay
 
 

@@ -23,6 +23,8 @@ class EditConfig:
         prefixes: Context prefixes whose keys are averaged (besides the bare prompt).
         chat_targets: v* is also optimised on chat turns of the fact's questions.
         chat_keys: The chat turns' keys form a second key column per memory.
+        chat_share: The chat turns' share of v*'s target NLL, the raw prompts sharing the
+            rest; None: every rendering counts alike (four prefixes and one question: 1/5).
         constrain_wake: Wake edits hold other memories' keys at zero residual (eq. 5).
         cov_tokens: Token vectors sampled for the covariance C (a few times d_in suffice).
         cov_shrink: Shrinkage of Ĉ towards (tr Ĉ / d)·I before it is inverted (0: none).
@@ -52,6 +54,7 @@ class EditConfig:
     constrain_wake: bool = True
     chat_targets: bool = True
     chat_keys: bool = True
+    chat_share: float | None = None
     cov_tokens: int = 8192
     cov_shrink: float = 0.0
     lam_hold: float = 0.1

@@ -16,7 +16,8 @@ class FactRenderings:
     """Everything the editor tokenises for one fact.
 
     Attributes:
-        targets: Contexts whose target tokens v* makes likely (eq. 1).
+        targets: Contexts whose target tokens v* makes likely (eq. 1): the raw prompts
+            first, then the chat turns.
         key_groups: Groups of contexts; the keys of each group are averaged into one column
             of K (the raw prompt under several prefixes; the chat turns).
         kl: Contexts whose next-token distribution the KL term preserves.
@@ -25,6 +26,15 @@ class FactRenderings:
     targets: tuple[Rendering, ...]
     key_groups: tuple[tuple[Rendering, ...], ...]
     kl: tuple[Rendering, ...]
+    n_raw: int = 0  # how many of ``targets`` are raw prompts
+
+    def shares(self, chat_share: float | None) -> tuple[float, ...]:
+        """Each target's share of v*'s NLL when the chat turns together get ``chat_share``
+        (empty, meaning equal shares, when it is None or there are no chat turns)."""
+        n_chat = len(self.targets) - self.n_raw
+        if chat_share is None or not n_chat or not self.n_raw:
+            return ()
+        return ((1 - chat_share) / self.n_raw,) * self.n_raw + (chat_share / n_chat,) * n_chat
 
 
 def subject_positions(backend: Backend, text: str, subject: str) -> list[int]:
@@ -105,4 +115,6 @@ def render(
     groups: tuple[tuple[Rendering, ...], ...] = (raw,)
     if chat_keys and turns:
         groups = (raw, turns)
-    return FactRenderings(targets=raw + turns, key_groups=groups, kl=(kl_prompt(backend, fact),))
+    return FactRenderings(
+        targets=raw + turns, key_groups=groups, kl=(kl_prompt(backend, fact),), n_raw=len(raw)
+    )

@@ -79,14 +79,22 @@ class Editor:
         """This editor with another clamp on δ (same backend and covariance)."""
         return Editor(self.backend, replace(self.cfg, clamp_norm=clamp_norm), self.c_inv)
 
+    def shift_problem(self, r: FactRenderings, kl: bool = True) -> ShiftProblem:
+        """The v* problem of a fact's renderings: its targets, weighted by ``chat_share``."""
+        return ShiftProblem(
+            layer=self.cfg.v_layer,
+            renderings=r.targets,
+            kl_renderings=r.kl if kl else (),
+            shares=r.shares(self.cfg.chat_share),
+        )
+
     def achieved(self, fact: Fact) -> float:
         """The target NLL of eq. 1 that the model reaches now with no shift (δ = 0).
 
         After a write this says how much of v*'s effect the spread solve carried into the
         weights: one evaluation of the v* objective, no gradient step.
         """
-        r = self.render(fact)
-        problem = ShiftProblem(layer=self.cfg.v_layer, renderings=r.targets, kl_renderings=())
+        problem = self.shift_problem(self.render(fact), kl=False)
         once = replace(self.cfg, v_steps=1, v_loss_stop=float("inf"))
         return self.backend.optimise_shift(problem, once).loss
 
@@ -103,8 +111,7 @@ class Editor:
         for i, r in enumerate(rendered):
             if step:
                 step("v*", i, len(facts))
-            problem = ShiftProblem(layer=cfg.v_layer, renderings=r.targets, kl_renderings=r.kl)
-            shifts.append(backend.optimise_shift(problem, cfg))
+            shifts.append(backend.optimise_shift(self.shift_problem(r), cfg))
         delta = np.stack([s.delta for s in shifts]).astype(np.float64)  # (n × d_out)
 
         batch, positions, labels = _key_batch(rendered, inner=cfg.hold_name)

@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sleeptui.backends import ProbeResume
 
 from sleeptui import memit
-from sleeptui.backends import ProbeResume
 from sleeptui.engine import Engine, fingerprint
 from sleeptui.facts import Fact
 from sleeptui.state import StateFolder

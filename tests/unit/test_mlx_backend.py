@@ -109,10 +109,12 @@ def test_shift_log_probs_match_torch_at_the_same_delta(tiny):
     np.testing.assert_allclose(np.array(kl), t_kl.numpy(), atol=1e-4)
 
 
-def test_optimise_shift_follows_the_torch_trajectory(tiny):
-    """Same objective, Adam and clamp: the same δ after the same steps."""
+@pytest.mark.parametrize("shares", [(), (0.1, 0.2, 0.3, 0.4)])
+def test_optimise_shift_follows_the_torch_trajectory(tiny, shares):
+    """Same objective (renderings' shares included), Adam and clamp: the same δ after the
+    same steps."""
     t, m = tiny
-    problem = _problem()
+    problem = replace(_problem(), shares=shares)
     ours = m.optimise_shift(problem, CFG)
     theirs = t.optimise_shift(problem, CFG)
     assert ours.steps == theirs.steps == CFG.v_steps

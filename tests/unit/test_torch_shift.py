@@ -3,6 +3,7 @@ against a naive full-model forward with δ added by a forward hook."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -99,18 +100,25 @@ def test_fast_pass_matches_naive_forward_and_gradient(attn: str, with_prefix: bo
     assert results[0][2].norm() > 0  # δ does reach the loss
 
 
-def test_optimise_shift_matches_naive_loop() -> None:
-    """The whole eq. 1 optimisation, against the same loop on the naive forward."""
+@pytest.mark.parametrize("shares", [(), (0.1, 0.2, 0.3, 0.4)])
+def test_optimise_shift_matches_naive_loop(shares) -> None:
+    """The whole eq. 1 optimisation, against the same loop on the naive forward; renderings
+    count alike, or by their given shares of the NLL."""
     backend = _backend("sdpa")
-    problem = _problem()
+    problem = replace(_problem(), shares=shares)
     cfg = SimpleNamespace(
         v_lr=0.5, v_steps=6, kl_factor=0.5, weight_decay=0.5, clamp_norm=0.8, v_loss_stop=0.0
     )
     result = backend.optimise_shift(problem, cfg)
 
     edits = problem.renderings
+    share = shares or (1 / len(edits),) * len(edits)
     weights = torch.tensor(
-        [1 / (len(r.target_positions) * len(edits)) for r in edits for _ in r.target_positions]
+        [
+            w / len(r.target_positions)
+            for r, w in zip(edits, share, strict=True)
+            for _ in r.target_positions
+        ]
     )
     delta = torch.zeros(64, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
