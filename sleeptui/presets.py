@@ -173,6 +173,7 @@ PRESETS: dict[str, Preset] = {
                 cov_tokens=8192,
                 cov_shrink=0.7,
                 hold_name=True,
+                chat_share=0.5,
             ),
             # bench/consolidate.py: the papers' lr 1e-4 moves nothing on this model in a few
             # epochs; 1e-3 on the MLP of layers 3–10, with the KL anchor, moved 17 of 20 facts
