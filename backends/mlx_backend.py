@@ -287,9 +287,9 @@ class MLXBackend:
     def optimise_shift(self, problem: ShiftProblem, cfg) -> ShiftResult:
         """δ at the output of ``problem.layer`` on the subject's last token (eq. 1).
 
-        The same objective as the torch backend: the renderings' target NLL (weighted by their shares),
-        λ_KL · KL(p_δ ‖ p_0) at the KL prompts' last token, weight decay (‖δ‖/‖h‖)², Adam
-        with bias correction, δ clamped to ``clamp_norm · ‖h‖`` after each step.
+        The same objective as the torch backend: the renderings' target NLL, each by its
+        share, λ_KL · KL(p_δ ‖ p_0) at the KL prompts' last token, weight decay (‖δ‖/‖h‖)²,
+        Adam with bias correction, δ clamped to ``clamp_norm · ‖h‖`` after each step.
         """
         run = ShiftPass(self, problem)
         weights = mx.array(problem.token_weights())

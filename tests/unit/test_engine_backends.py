@@ -209,6 +209,21 @@ def test_holding_the_name_leaves_its_other_tokens_almost_unmoved(engine, hold):
     assert (ratio < 0.05) == hold
 
 
+@pytest.mark.parametrize("share", [None, 0.5, 0.8])
+def test_the_chat_turns_weigh_their_share_of_the_objective(engine, share):
+    """With ``chat_share`` the chat turn's target tokens weigh that share of v*'s NLL and the
+    raw prompts the rest; without it every rendering weighs alike."""
+    engine.cfg = replace(engine.cfg, chat_share=share)
+    rendered = engine.editor().render(FACTS[0])
+    weights = engine.editor().shift_problem(rendered).token_weights()
+    n_raw = sum(len(r.target_positions) for r in rendered.key_groups[0])
+    n_renderings = len(rendered.targets)
+    assert rendered.n_raw == len(engine.cfg.prefixes) and n_renderings == rendered.n_raw + 1
+    chat = sum(weights[n_raw:])
+    expected = share if share is not None else 1 / n_renderings
+    assert chat == pytest.approx(expected) and sum(weights) == pytest.approx(1.0)
+
+
 def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
     engine.cfg = replace(engine.cfg, cov_shrink=0.7)
     c_inv = engine.editor().c_inv
