@@ -212,7 +212,7 @@ class TorchBackend:
                 h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
             else:
                 h = resume.inputs[n, start]
-            inputs: list[torch.Tensor] = []
+            inputs: list[torch.Tensor] | None = [] if resume is not None else None  # kept to resume
             try:
                 if hidden_layer is None:
                     h = _decoder(inner, inner.layers[start : top + 1], h, idx, idx, inputs=inputs)
