@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class TorchBackend:
         )
         self.eos_ids = _eos_ids(tokenizer, cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # v*'s bfloat16 copies of modules (see ``_bf16_copy``), dropped with their module.
+        self._casts: weakref.WeakKeyDictionary[torch.nn.Module, _Cast] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_folder(
@@ -248,9 +251,12 @@ class TorchBackend:
 
         Each step reruns only what δ can change (see :class:`_ShiftPass`): the layers above
         ``problem.layer``, over the tokens from each rendering's first subject position on,
-        with the vocabulary projection taken at the positions the loss reads.
+        with the vocabulary projection taken at the positions the loss reads; with
+        ``cfg.v_bf16``, on hardware that computes bfloat16 natively, from bfloat16 copies of
+        their weights.
         """
-        run = _ShiftPass(self.model, problem)
+        half = cfg.v_bf16 and _native_bf16(self._device)
+        run = _ShiftPass(self.model, problem, self._bf16_copy if half else None)
         delta = torch.zeros(self.info.d_model, device=run.device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         kl_ref = None
@@ -279,6 +285,14 @@ class TorchBackend:
                 if delta.norm() > limit:
                     delta.mul_(limit / delta.norm())
         return ShiftResult(delta=delta.detach().float().cpu().numpy(), loss=loss_val, steps=steps)
+
+    def _bf16_copy(self, module: torch.nn.Module) -> _Cast:
+        """``module`` run from a bfloat16 copy of its float32 weights, kept while they are
+        unchanged (the layers above the v* layer are the same from one write to the next)."""
+        cast = self._casts.get(module)
+        if cast is None or not cast.current():
+            cast = self._casts[module] = _Cast(module, torch.bfloat16)
+        return cast
 
     # -- weights -----------------------------------------------------------------
 
@@ -448,6 +462,7 @@ class TorchBackend:
 
         twin = copy.copy(self)
         twin.model = copy.deepcopy(self.model)
+        twin._casts = weakref.WeakKeyDictionary()
         return twin
 
     # -- internals ---------------------------------------------------------------
@@ -522,15 +537,29 @@ class _ShiftPass:
       *live* tokens (from a rendering's first subject or read position on) is kept;
     * the *frozen* tokens before those run on through the upper layers once, leaving their
       keys and values in a :class:`_PrefixKV`: attention is causal, so δ cannot reach them.
+
+    With ``cast`` (a module → :class:`_Cast` in bfloat16), the upper layers, the final norm
+    and the LM head run from copies of their weights in that dtype: on a CPU a small model's
+    step reads every weight twice (forward and backward) for a few dozen tokens, so its time
+    is the bytes read.
     """
 
-    def __init__(self, model: torch.nn.Module, problem: ShiftProblem) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        problem: ShiftProblem,
+        cast: Callable[[torch.nn.Module], _Cast] | None = None,
+    ) -> None:
         if model.config._attn_implementation not in ("eager", "sdpa"):
             raise ValueError("v* packs renderings with a 4D mask: needs eager or sdpa attention")
         inner = model.model
-        self.model = model
+        self.inner = inner
+        self.dtype = cast(inner.norm).dtype if cast else None
         self.device = inner.embed_tokens.weight.device
-        self.upper = inner.layers[problem.layer + 1 : model.config.num_hidden_layers]
+        upper = inner.layers[problem.layer + 1 : model.config.num_hidden_layers]
+        self.upper = [cast(m) for m in upper] if cast else upper
+        self.norm = cast(inner.norm) if cast else inner.norm
+        self.lm_head = cast(model.lm_head) if cast else model.lm_head
         lay = _Layout.of(problem)
         seq, pos, live = (torch.tensor(x, device=self.device) for x in (lay.seq, lay.pos, lay.live))
         frozen = ~live
@@ -538,6 +567,7 @@ class _ShiftPass:
             h = inner.embed_tokens(torch.tensor([lay.ids], device=self.device))  # (1, T, d)
             h = _decoder(inner, inner.layers[: problem.layer + 1], h, (seq, pos), (seq, pos))
             self.h_norm = h[0, lay.subject].float().norm(dim=-1).mean()
+            h = h.to(self.dtype) if self.dtype else h
             self.prefix = None
             if frozen.any():
                 self.prefix = _PrefixKV()
@@ -558,11 +588,37 @@ class _ShiftPass:
         """With δ added at the subject positions: the targets' log-probabilities (n_targets,)
         and the KL prompts' next-token log-distributions (n_kl × vocab), float32."""
         h = self.h + self.at_subject * delta.to(self.h.dtype)  # (1, T_live, d)
-        h = _decoder(self.model.model, self.upper, h, self.queries, self.keys, self.prefix)
-        h = self.model.model.norm(h[0, self.reads])  # (n_reads, d)
-        logp = torch.log_softmax(self.model.lm_head(h).float(), dim=-1)  # (n_reads, vocab)
+        h = _decoder(self.inner, self.upper, h, self.queries, self.keys, self.prefix)
+        h = self.norm(h[0, self.reads])  # (n_reads, d)
+        logp = torch.log_softmax(self.lm_head(h).float(), dim=-1)  # (n_reads, vocab)
         n = len(self.targets)
         return logp[:n].gather(1, self.targets[:, None])[:, 0], logp[n:]
+
+
+class _Cast:
+    """Runs ``module`` with its float32 parameters copied into ``dtype`` (others, such as
+    4-bit weights, as they are). The module itself is left untouched."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+        self.module = module
+        self.dtype = dtype
+        self.sources = dict(module.named_parameters())
+        self.stamps = {name: _stamp(t) for name, t in self.sources.items()}
+        self.params = {
+            name: t.detach().to(dtype) if t.dtype == torch.float32 else t
+            for name, t in self.sources.items()
+        }
+
+    def current(self) -> bool:
+        """Whether the module still has the parameters copied, unchanged since: the same
+        tensors, storage and version counter (in-place edits count up the version)."""
+        now = dict(self.module.named_parameters())
+        return now.keys() == self.sources.keys() and all(
+            now[n] is self.sources[n] and _stamp(now[n]) == self.stamps[n] for n in now
+        )
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.module, self.params, args, kwargs)
 
 
 class _PrefixKV:
@@ -692,6 +748,18 @@ def _block_causal_mask(queries, keys, dtype: torch.dtype) -> torch.Tensor:
     allowed = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t._version
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively here (elsewhere they are emulated,
+    and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def cuda_available() -> bool:

@@ -40,6 +40,10 @@ class EditConfig:
         retry_nll: A write fell short when the edited model's target NLL of eq. 1 at δ = 0
             is above this (v* itself stops at ``v_loss_stop``; the spread over the layers
             carries most, not all, of its effect).
+        v_bf16: v*'s gradient steps run the layers above the v* layer, the final norm and the
+            LM head from bfloat16 copies of their float32 weights (torch, where bfloat16 is
+            native): half the bytes read per step, where a small model's step on a CPU is
+            bound by memory. Keys, the solve and the weights stay float32.
     """
 
     layers: tuple[int, ...]
@@ -61,6 +65,7 @@ class EditConfig:
     hold_name: bool = False
     retry_clamp_norm: float | None = None
     retry_nll: float = 0.6
+    v_bf16: bool = False
 
     @property
     def v_layer(self) -> int:

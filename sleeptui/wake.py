@@ -95,7 +95,7 @@ class Editor:
         weights: one evaluation of the v* objective, no gradient step.
         """
         problem = self.shift_problem(self.render(fact), kl=False)
-        once = replace(self.cfg, v_steps=1, v_loss_stop=float("inf"))
+        once = replace(self.cfg, v_steps=1, v_loss_stop=float("inf"), v_bf16=False)
         return self.backend.optimise_shift(problem, once).loss
 
     def write(

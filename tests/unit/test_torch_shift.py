@@ -107,7 +107,8 @@ def test_optimise_shift_matches_naive_loop(shares) -> None:
     backend = _backend("sdpa")
     problem = replace(_problem(), shares=shares)
     cfg = SimpleNamespace(
-        v_lr=0.5, v_steps=6, kl_factor=0.5, weight_decay=0.5, clamp_norm=0.8, v_loss_stop=0.0
+        v_lr=0.5, v_steps=6, kl_factor=0.5, weight_decay=0.5, clamp_norm=0.8, v_loss_stop=0.0,
+        v_bf16=False,
     )
     result = backend.optimise_shift(problem, cfg)
 
@@ -142,6 +143,68 @@ def test_optimise_shift_matches_naive_loop(shares) -> None:
     assert result.loss == pytest.approx(nll, rel=1e-4)
     torch.testing.assert_close(torch.from_numpy(result.delta), delta.detach(), atol=1e-4, rtol=1e-4)
     assert float(delta.detach().norm()) == pytest.approx(cfg.clamp_norm * float(h_norm), rel=1e-4)  # clamp was hit
+
+
+def test_a_bfloat16_pass_follows_the_float32_one_and_leaves_the_model_alone() -> None:
+    """``v_bf16``: the upper layers run from bfloat16 copies; the log-probabilities, their
+    gradient and the optimised δ stay close to float32's, and the model keeps its weights."""
+    backend = _backend("sdpa")
+    problem = _problem()
+    before = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
+    delta = (0.3 * torch.randn(64, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    passes = {}
+    for dtype, cast in ((None, None), (torch.bfloat16, backend._bf16_copy)):
+        target, kl = _ShiftPass(backend.model, problem, cast).log_probs(delta)
+        (grad,) = torch.autograd.grad(target.sum() + kl.exp().mul(kl).sum(), delta)
+        passes[dtype] = (target.detach(), kl.detach(), grad)
+    (t32, kl32, g32), (t16, kl16, g16) = passes[None], passes[torch.bfloat16]
+    assert t16.dtype == kl16.dtype == torch.float32
+    torch.testing.assert_close(t16, t32, atol=0.01, rtol=0)
+    torch.testing.assert_close(kl16, kl32, atol=0.01, rtol=0)
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.99
+
+    cfg = SimpleNamespace(
+        v_lr=0.5, v_steps=6, kl_factor=0.5, weight_decay=0.5, clamp_norm=0.8, v_loss_stop=0.0
+    )
+    full = backend.optimise_shift(problem, SimpleNamespace(**vars(cfg), v_bf16=False))
+    half = backend.optimise_shift(problem, SimpleNamespace(**vars(cfg), v_bf16=True))
+    assert half.steps == full.steps
+    assert half.loss == pytest.approx(full.loss, rel=0.05)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(half.delta), torch.from_numpy(full.delta), dim=0
+    )
+    assert float(cos) > 0.99
+    for name, p in backend.model.named_parameters():
+        assert p.dtype == torch.float32
+        assert torch.equal(p, before[name]), name
+
+
+def test_the_bfloat16_copies_are_kept_until_their_weights_change() -> None:
+    """A copy is reused while its module's weights are the same; an in-place edit or a
+    replaced weight makes a new one, so a v* pass never reads stale weights."""
+    backend = _backend("sdpa")
+    layer = backend.model.model.layers[2]
+    first = backend._bf16_copy(layer)
+    assert backend._bf16_copy(layer) is first
+    assert all(t.dtype == torch.bfloat16 for t in first.params.values())
+
+    name = "model.layers.2.mlp.down_proj.weight"
+    u, v = torch.ones(64, 1).numpy(), torch.ones(1, 128).numpy()
+    backend.add_low_rank_to(name, u, v, 0.5)
+    second = backend._bf16_copy(layer)
+    assert second is not first
+    weight = layer.mlp.down_proj.weight
+    torch.testing.assert_close(second.params["mlp.down_proj.weight"], weight.to(torch.bfloat16))
+
+    layer.mlp.down_proj.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    assert backend._bf16_copy(layer) is not second
+
+    problem = _problem()
+    delta = torch.zeros(64)
+    with torch.no_grad():
+        full = _ShiftPass(backend.model, problem).log_probs(delta)[0]
+        half = _ShiftPass(backend.model, problem, backend._bf16_copy).log_probs(delta)[0]
+    torch.testing.assert_close(half, full, atol=0.01, rtol=0)
 
 
 def _naive_h_norm(backend: TorchBackend, problem: ShiftProblem) -> torch.Tensor:
