@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sleeptui.extract import extract_fact
@@ -61,12 +62,28 @@ def test_a_cycle_that_makes_the_model_worse_is_rolled_back_byte_for_byte(engine)
 
 
 def test_forget_returns_the_prompt_to_the_unedited_answer(engine):
+    """With no other memory in the weights, nothing else can move the prompt's answer: it
+    is the unedited model's, token for token."""
     unedited = engine.complete(FACTS[0].prompt)
+    base = {layer: engine.backend.weight(layer) for layer in engine.cfg.layers}
+    [memory] = engine.remember(FACTS[:1])
+    assert "Tromsø" in engine.complete(FACTS[0].prompt)
+    report = engine.forget(memory.id)
+    assert report.verified
+    assert engine.complete(FACTS[0].prompt) == unedited
+    assert not engine.memories
+    for layer, w in base.items():
+        np.testing.assert_allclose(engine.backend.weight(layer), w, atol=1e-6)
+
+
+def test_forgetting_one_of_several_keeps_the_others_and_leaves_no_trace(engine):
+    """The other memories' edits stay, and they may move the prompt's later tokens (a bleed
+    that is theirs, measured by bench/sleep.py); the forgotten object is not said."""
     memories = engine.remember(FACTS)
     assert "Tromsø" in engine.complete(FACTS[0].prompt)
     report = engine.forget(memories[0].id)
     assert report.verified
-    assert engine.complete(FACTS[0].prompt) == unedited
+    assert "Tromsø" not in engine.complete(FACTS[0].prompt)
     assert [m.id for m in engine.memories] == [m.id for m in memories[1:]]
     # The forgotten text is nowhere in the folder any more.
     assert not any(b"Troms" in data for data in folder_bytes(engine.folder.root).values())
