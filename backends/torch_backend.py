@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,8 @@ class TorchBackend:
         )
         self.eos_ids = _eos_ids(tokenizer, cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # v*'s bfloat16 copies of modules (see ``_bf16_copy``), dropped with their module.
-        self._casts: weakref.WeakKeyDictionary[torch.nn.Module, _Cast] = weakref.WeakKeyDictionary()
+        # v*'s bfloat16 copies of this model's modules (see ``_bf16_copy``).
+        self._casts: dict[torch.nn.Module, _Cast] = {}
 
     @classmethod
     def from_folder(
@@ -462,7 +461,7 @@ class TorchBackend:
 
         twin = copy.copy(self)
         twin.model = copy.deepcopy(self.model)
-        twin._casts = weakref.WeakKeyDictionary()
+        twin._casts = {}
         return twin
 
     # -- internals ---------------------------------------------------------------
@@ -554,12 +553,12 @@ class _ShiftPass:
             raise ValueError("v* packs renderings with a 4D mask: needs eager or sdpa attention")
         inner = model.model
         self.inner = inner
-        self.dtype = cast(inner.norm).dtype if cast else None
         self.device = inner.embed_tokens.weight.device
         upper = inner.layers[problem.layer + 1 : model.config.num_hidden_layers]
         self.upper = [cast(m) for m in upper] if cast else upper
         self.norm = cast(inner.norm) if cast else inner.norm
         self.lm_head = cast(model.lm_head) if cast else model.lm_head
+        self.dtype = self.norm.dtype if cast else None
         lay = _Layout.of(problem)
         seq, pos, live = (torch.tensor(x, device=self.device) for x in (lay.seq, lay.pos, lay.live))
         frozen = ~live
