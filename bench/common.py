@@ -38,6 +38,12 @@ GENERAL_QUESTIONS = (
 )
 
 
+def edited_layers(preset: Sequence[int], settings: Sequence[dict]) -> list[int]:
+    """Every layer the preset or any setting's ``layers`` override edits: the layers a
+    bench must put back between settings, so that no setting starts from another's edits."""
+    return sorted({*preset, *(layer for s in settings for layer in s.get("layers", ()))})
+
+
 def load_facts(path: Path | None = None) -> list[Fact]:
     data = json.loads(Path(path or DEFAULT_FACTS).read_text(encoding="utf-8"))
     return [Fact.from_dict(d) for d in data]

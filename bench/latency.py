@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_facts, seen_only  # noqa: E402
+from common import edited_layers, load_facts, seen_only  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -80,7 +80,8 @@ def main() -> None:
         for i in order:
             with tempfile.TemporaryDirectory() as state:
                 engine = Engine(backend, source, StateFolder.open(state))
-                base = {layer: backend.weight(layer) for layer in engine.cfg.layers}
+                layers = edited_layers(engine.cfg.layers, settings)
+                base = {layer: backend.weight(layer) for layer in layers}
                 engine.cfg = replace(engine.cfg, **settings[i])
                 engine.remember([seen_only(pool[-1])])  # loads Ĉ⁻¹; not timed
                 seconds = []

@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     chat_answers,
     chat_recall,
     completion_recall,
+    edited_layers,
     load_facts,
     seen_only,
     unchanged,
@@ -53,14 +54,15 @@ def main() -> None:
     source = resolve(args.model)
     backend = load_backend(source)
     unrelated = [f.questions[0] for f in pool[200:220]] + list(GENERAL_QUESTIONS)
+    settings = [json.loads(text) for text in args.settings]
     pristine = before = ppl0 = None
-    for text in args.settings:
-        changes = json.loads(text)
+    for changes in settings:
         with tempfile.TemporaryDirectory() as state:
             folder = StateFolder.open(state)
             engine = Engine(backend, source, folder)
             if pristine is None:
-                pristine = {layer: backend.weight(layer) for layer in engine.cfg.layers}
+                layers = edited_layers(engine.cfg.layers, settings)
+                pristine = {layer: backend.weight(layer) for layer in layers}
                 before = chat_answers(engine, unrelated, tokens=10)
                 ppl0 = engine.perplexity()
             engine.cfg = replace(engine.cfg, **changes)
