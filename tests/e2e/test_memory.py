@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sleeptui.engine import Engine
@@ -86,6 +88,36 @@ def test_restart_gives_identical_greedy_outputs(engine, embedded):
     try:
         assert [reopened.complete(p) for p in prompts] == before
         assert "".join(reopened.ask("Which instrument does Rune Aasgaard play?")) == answer_before
+    finally:
+        reopened.close()
+
+
+def test_memories_written_at_other_edit_layers_survive_a_preset_change(engine, embedded):
+    """An upgrade that moves the preset's edit layers (3–7 became 4–9) keeps older memories.
+
+    Each delta names the weights it edits, so a folder written at layers 3–7 opens with its
+    memories in place, takes new ones at the preset's layers, and forgets an old one down to
+    the base weights of a layer the preset no longer edits.
+    """
+    backend, source, pristine = embedded
+    assert 3 not in engine.cfg.layers, "the test writes at a layer the preset does not edit"
+    engine.cfg = replace(engine.cfg, layers=(3, 4, 5, 6, 7), cov_tokens=1024)
+    [oda] = engine.remember([ODA])
+    said = engine.complete(ODA.prompt)
+    assert "Tromsø" in said
+    engine.close()
+    restore(backend, pristine)
+    reopened = Engine(backend, source, StateFolder.open(engine.folder.root))
+    try:
+        assert 3 not in reopened.cfg.layers
+        assert reopened.complete(ODA.prompt) == said
+        reopened.remember([RUNE])
+        assert "harmonica" in reopened.complete(RUNE.prompt)
+        assert "Tromsø" in reopened.complete(ODA.prompt)
+        report = reopened.forget(oda.id)
+        assert report.verified
+        assert "Tromsø" not in reopened.complete(ODA.prompt)
+        np.testing.assert_allclose(backend.weight(3), pristine[3], atol=1e-6)
     finally:
         reopened.close()
 
