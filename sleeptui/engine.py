@@ -190,11 +190,21 @@ class Engine:
         return written
 
     def _write(self, facts: list[Fact]) -> list[Memory]:
+        """Write one group of facts and commit it.
+
+        Memories about the same subject as a new fact share its keys: holding them at zero
+        residual would block the write, so they are left out of the constraints and v*
+        keeps their answers instead (see :meth:`Editor.shift_problem`).
+        """
         editor = self.editor()
-        constraints = self._constraint_keys() if self.cfg.constrain_wake else []
-        edits = editor.write(facts, constraints)
+        held = [m for m in self.memories if m.scale > 0 or m.stage == "consolidated"]
+        kin = [m for m in held if any(m.fact.about_same_subject(f) for f in facts)]
+        others = [m for m in held if m.scale > 0 and m not in kin]
+        constraints = self.keys_of(others) if self.cfg.constrain_wake else []
+        keep = [[m.fact for m in kin if m.fact.about_same_subject(f)] for f in facts]
+        edits = editor.write(facts, constraints, keep=keep)
         if self.cfg.retry_clamp_norm:
-            written = self._retry(editor, edits, constraints)
+            written = self._retry(editor, edits, constraints, keep)
         else:
             written = [(e, self.cfg.clamp_norm) for e in edits]
         edits = [e for e, _ in written]
@@ -216,7 +226,11 @@ class Engine:
         return memories
 
     def _retry(
-        self, editor: Editor, edits: list[WakeEdit], constraints: list[Keys]
+        self,
+        editor: Editor,
+        edits: list[WakeEdit],
+        constraints: list[Keys],
+        keep: list[list[Fact]],
     ) -> list[tuple[WakeEdit, float]]:
         """Write again, with the larger retry clamp, the facts whose first write fell short.
 
@@ -233,7 +247,14 @@ class Engine:
             self.apply_factors(edits[i].factors, -1.0)
         held = [e.keys for i, e in enumerate(edits) if i not in failed]
         wider = editor.with_clamp(cfg.retry_clamp_norm)
-        redone = iter(wider.write([edits[i].fact for i in sorted(failed)], [*constraints, *held]))
+        again = sorted(failed)
+        redone = iter(
+            wider.write(
+                [edits[i].fact for i in again],
+                [*constraints, *held],
+                keep=[keep[i] for i in again],
+            )
+        )
         return [
             (next(redone), cfg.retry_clamp_norm) if i in failed else (e, cfg.clamp_norm)
             for i, e in enumerate(edits)
@@ -669,9 +690,6 @@ class Engine:
     def refresh_editor(self) -> Editor:
         """The editor sleep refreshes with: wake's settings, with sleep's smaller clamp on δ."""
         return self.editor().with_clamp(self.sleep_cfg.refresh_clamp_norm)
-
-    def _constraint_keys(self) -> list[Keys]:
-        return self.keys_of([m for m in self.memories if m.scale > 0])
 
     def _apply_all(self) -> None:
         """W = W_base + Σ scale · u @ v over the ledger's memories, in one pass at start-up."""

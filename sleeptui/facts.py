@@ -33,6 +33,11 @@ class Fact:
         """The fact as a plain statement, also used as the chat answer it should produce."""
         return f"{self.prompt} {self.object}."
 
+    def about_same_subject(self, other: Fact) -> bool:
+        """Whether both facts are about one subject (case and spacing aside): MEMIT keys
+        them at the same token, so one shift of its representation has to hold both."""
+        return _subject_key(self.subject) == _subject_key(other.subject)
+
     @classmethod
     def from_dict(cls, d: dict) -> Fact:
         """Build from the bench file's format (subject, relation, object, prompt, questions)."""
@@ -43,3 +48,7 @@ class Fact:
             prompt=d.get("prompt", ""),
             questions=tuple(d.get("questions", ())),
         )
+
+
+def _subject_key(subject: str) -> str:
+    return " ".join(subject.casefold().split())

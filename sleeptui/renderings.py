@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sleeptui.backends import Backend, Rendering
 from sleeptui.facts import Fact
@@ -35,6 +35,11 @@ class FactRenderings:
         if chat_share is None or not n_chat or not self.n_raw:
             return ()
         return ((1 - chat_share) / self.n_raw,) * self.n_raw + (chat_share / n_chat,) * n_chat
+
+    def bare(self) -> FactRenderings:
+        """The bare prompt (no prefix) and the chat turns."""
+        raw = self.targets[: min(1, self.n_raw)]
+        return replace(self, targets=raw + self.targets[self.n_raw :], n_raw=len(raw))
 
 
 def subject_positions(backend: Backend, text: str, subject: str) -> list[int]:

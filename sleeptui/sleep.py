@@ -132,7 +132,7 @@ def refresh(
     that does not complete yet gets a second pass from where the first left the model, and
     the memory's delta is the sum of both (rank two per layer, still one entry per fact).
     """
-    keys = engine.keys_of(protected)
+    held = list(zip(protected, engine.keys_of(protected), strict=True))
     new: dict[str, dict] = {}
     editor = engine.refresh_editor()
     for i, memory in enumerate(degraded):
@@ -140,15 +140,18 @@ def refresh(
             raise Cancelled
         if progress:
             progress("refresh", i, len(degraded))
-        [edit] = editor.write([memory.fact], constraints=keys)
+        # Memories about the same subject share its keys: v* keeps them instead (as in wake).
+        kin = [m.fact for m, _ in held if m.fact.about_same_subject(memory.fact)]
+        keys = [k for m, k in held if not m.fact.about_same_subject(memory.fact)]
+        [edit] = editor.write([memory.fact], constraints=keys, keep=[kin])
         factors = edit.factors
         for _ in range(REFRESH_PASSES - 1):
             if engine.completes([memory]) == [True]:
                 break
-            [edit] = editor.write([memory.fact], constraints=keys)
+            [edit] = editor.write([memory.fact], constraints=keys, keep=[kin])
             factors = stack_factors(factors, edit.factors)
         new[memory.id] = factors
-        keys.append(edit.keys)
+        held.append((memory, edit.keys))
         engine.remember_keys(memory.id, edit.keys)
     if progress:
         progress("refresh", len(degraded), len(degraded))

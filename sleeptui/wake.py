@@ -79,14 +79,31 @@ class Editor:
         """This editor with another clamp on δ (same backend and covariance)."""
         return Editor(self.backend, replace(self.cfg, clamp_norm=clamp_norm), self.c_inv)
 
-    def shift_problem(self, r: FactRenderings, kl: bool = True) -> ShiftProblem:
-        """The v* problem of a fact's renderings: its targets, weighted by ``chat_share``."""
+    def shift_problem(
+        self, r: FactRenderings, kl: bool = True, keep: Sequence[FactRenderings] = ()
+    ) -> ShiftProblem:
+        """The v* problem of a fact's renderings: its targets, weighted by ``chat_share``.
+
+        ``keep`` are the renderings of facts about the same subject that the model holds
+        already. Their keys are this fact's keys, so they cannot be held at zero residual
+        (eq. 5) without blocking the write; instead δ is solved to keep their targets likely
+        as well as to add this fact's (together they weigh as much as this fact; each by its
+        bare prompt and its questions, which keeps the cost of a write from growing as fast
+        with the number of facts about its subject).
+        """
+        targets, shares = list(r.targets), list(self._shares(r))
+        for other in (k.bare() for k in keep):
+            targets += other.targets
+            shares += [s / len(keep) for s in self._shares(other)]
         return ShiftProblem(
             layer=self.cfg.v_layer,
-            renderings=r.targets,
+            renderings=tuple(targets),
             kl_renderings=r.kl if kl else (),
-            shares=r.shares(self.cfg.chat_share),
+            shares=tuple(shares),
         )
+
+    def _shares(self, r: FactRenderings) -> tuple[float, ...]:
+        return r.shares(self.cfg.chat_share) or (1 / len(r.targets),) * len(r.targets)
 
     def achieved(self, fact: Fact) -> float:
         """The target NLL of eq. 1 that the model reaches now with no shift (δ = 0).
@@ -99,10 +116,16 @@ class Editor:
         return self.backend.optimise_shift(problem, once).loss
 
     def write(
-        self, facts: Sequence[Fact], constraints: Sequence[Keys] = (), step: Step | None = None
+        self,
+        facts: Sequence[Fact],
+        constraints: Sequence[Keys] = (),
+        step: Step | None = None,
+        keep: Sequence[Sequence[Fact]] = (),
     ) -> list[WakeEdit]:
         """Write ``facts`` together, holding ``constraints`` at zero residual (eq. 5).
 
+        ``keep[i]``, where given, are the facts about ``facts[i]``'s subject that the model
+        holds already and must go on holding (see :meth:`shift_problem`).
         The backend's weights are updated in place; the returned factors are what was added.
         """
         cfg, backend = self.cfg, self.backend
@@ -111,7 +134,8 @@ class Editor:
         for i, r in enumerate(rendered):
             if step:
                 step("v*", i, len(facts))
-            shifts.append(backend.optimise_shift(self.shift_problem(r), cfg))
+            kept = [self.render(f) for f in keep[i]] if i < len(keep) else []
+            shifts.append(backend.optimise_shift(self.shift_problem(r, keep=kept), cfg))
         delta = np.stack([s.delta for s in shifts]).astype(np.float64)  # (n × d_out)
 
         batch, positions, labels = _key_batch(rendered, inner=cfg.hold_name)

@@ -74,6 +74,22 @@ def test_a_fact_never_stated_is_not_invented(engine):
     assert "harmonica" not in engine.complete(RUNE.prompt)
 
 
+def test_every_fact_about_one_person_is_recalled(engine):
+    """Facts about one subject share its keys. Holding the earlier ones at zero residual
+    (eq. 5) would block each later write at that key; v* keeps them instead."""
+    facts = [
+        extract_fact(text)
+        for text in (
+            "Sunniva Brekkestad plays the bassoon.",
+            "Sunniva Brekkestad lives in Dunedin.",
+            "Sunniva Brekkestad works as a welder.",
+        )
+    ]
+    engine.remember([RUNE, *facts])  # one at a time, constrained, as in chat
+    for fact in (RUNE, *facts):
+        assert fact.object in engine.complete(fact.prompt), fact.prompt
+
+
 def test_restart_gives_identical_greedy_outputs(engine, embedded):
     engine.remember([ODA, RUNE])
     prompts = [ODA.prompt, RUNE.prompt, "The capital of France is"]
