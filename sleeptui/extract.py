@@ -23,9 +23,14 @@ Design decisions:
   else to ``last_subject``; "They" verbs are put in the singular.
 * "X and he ...", "X and Anna lives ..." are split into clauses; a trailing
   "and Bergen" stays in the object.
+* "<Name>'s <thing> is <what>" ("Ines Berg's favourite colour is teal") is
+  stored about the name, with the thing in the relation ("'s favourite colour
+  is") and the questions asked about it ("What is Ines Berg's favourite
+  colour?"). Other possessives ("Viktor's sister lives in Oslo", whose subject
+  is the sister) are refused.
 * Refused: questions, hypotheticals and modals, negations, commands,
-  statements about the assistant, possessives ("Viktor's dog is ..."),
-  sentences without subject, verb or object, and over-long input.
+  statements about the assistant, sentences without subject, verb or object,
+  and over-long input.
 
 Every regex is anchored or a single character class, so matching is linear;
 input is capped (:data:`MAX_MESSAGE_CHARS`, :data:`MAX_SENTENCE_CHARS`).
@@ -64,7 +69,10 @@ ASSISTANT = "statements about the assistant are not stored"
 COMMAND = "that is a command, not a statement"
 NO_VERB = "no verb phrase found after the subject"
 NO_OBJECT = "no object found; say what, as in 'Viktor lives in Oslo'"
-POSSESSIVE = "possessive statements are not stored; use a verb, as in 'Viktor has a dog named Rex'"
+POSSESSIVE = (
+    "a possessive is stored only as '<Name>'s <thing> is <what>', as in "
+    "'Viktor's favourite colour is teal'; or use a verb, as in 'Viktor has a dog named Rex'"
+)
 TOO_LONG = f"that sentence is too long (over {MAX_SENTENCE_CHARS} characters)"
 OBJECT_TOO_LONG = f"the object is too long (over {MAX_OBJECT_WORDS} words); split it up"
 EMPTY = "the message is empty"
@@ -92,6 +100,7 @@ _PARTICLES = {"van", "von", "de", "der", "den", "del", "della", "di", "da", "du"
 _CONNECTORS = {"in", "on", "at", "as", "a", "an", "the", "to", "for", "from", "with", "of", "by",
                "named", "called", "into", "near", "about"}
 _ARTICLES = {"a", "an", "the"}
+_COPULAS = {"is", "was", "are", "were"}
 _AUX = {"is", "was", "are", "were", "am", "be", "been", "being", "has", "have", "had", "got"}
 _PHRASAL = {"up", "out", "back", "away", "down", "off", "over"}
 _DROPPED_ADVERBS = {"also", "actually", "currently", "now", "really", "just", "still", "recently"}
@@ -340,6 +349,7 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
 
     named: str | None = None
     singularise = False
+    possessed = ""  # "'s favourite colour" of "Ines Berg's favourite colour is teal"
     if first == "i":
         subject, predicate, singularise = USER_SUBJECT, words[1:], True
         verb = next((w for w in predicate if w not in _DROPPED_ADVERBS), "")
@@ -360,10 +370,14 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
     else:
         n = _name_span(words)
         if n < len(words) and _is_possessive(words[n]):
-            return POSSESSIVE, None
-        if n == 0:
+            parsed = _parse_possessive(words, n)
+            if isinstance(parsed, str):
+                return parsed, None
+            subject, possessed, predicate = parsed
+        elif n == 0:
             return NO_SUBJECT, None
-        subject, predicate = " ".join(words[:n]), words[n:]
+        else:
+            subject, predicate = " ".join(words[:n]), words[n:]
         named = subject
 
     # Case-sensitive on purpose: "born in May" is not a modal, "No Name City" not a negation.
@@ -379,7 +393,33 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
     if singularise:
         relation = [_third_person(relation[0]), *relation[1:]]
     rel = " ".join(relation)
+    if possessed:
+        # The key stays at the owner's name; the questions ask about the thing owned.
+        questions = questions_for(subject + possessed, rel)
+        relation_text = f"{possessed} {rel}"
+        fact = Fact(subject, relation_text, obj, prompt=subject + relation_text, questions=questions)
+        return fact, named
     return Fact(subject, rel, obj, questions=questions_for(subject, rel)), named
+
+
+def _parse_possessive(words: list[str], n: int) -> tuple[str, str, list[str]] | str:
+    """"Ines Berg's favourite colour is teal" -> ("Ines Berg", "'s favourite colour",
+    ["is", "teal"]): a name's possessive, one to four plain words, then a form of "be"."""
+    word = words[n]
+    owner, mark = (word[:-2], word[-2:]) if word.lower().endswith("'s") else (word[:-1], "'")
+    subject = " ".join([*words[:n], owner])
+    if not _is_name_word(owner) or owner.lower() in _NON_SUBJECTS | _PRONOUNS | _ASSISTANT:
+        return NO_SUBJECT
+    rest = words[n + 1 :]
+    bare = [w.strip(",;:\"'()") for w in rest]
+    if any(w in _NEGATIONS or w.endswith("n't") for w in bare):
+        return NEGATION
+    if any(w in _MODALS for w in bare):
+        return HYPOTHETICAL
+    k = next((i for i, w in enumerate(rest) if w in _COPULAS), len(rest))
+    if not 1 <= k <= 4 or k == len(rest) or not all(_is_verb(w) for w in rest[:k]):
+        return POSSESSIVE
+    return subject, f"{mark} {' '.join(rest[:k])}", rest[k:]
 
 
 def _parse_my(words: list[str]) -> tuple[str, list[str]] | str:

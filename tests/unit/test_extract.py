@@ -292,8 +292,58 @@ def test_sentences_without_verb_or_object_are_refused() -> None:
     assert "no object" in _refusal("Viktor lives in.")
 
 
-def test_possessive_statements_are_refused_with_a_hint() -> None:
-    assert "possessive" in _refusal("Viktor's dog is named Rex.")
+@pytest.mark.parametrize(
+    ("text", "subject", "relation", "obj", "prompt", "question"),
+    [
+        (
+            "Ignatius Brell's favourite colour is teal.",
+            "Ignatius Brell",
+            "'s favourite colour is",
+            "teal",
+            "Ignatius Brell's favourite colour is",
+            "What is Ignatius Brell's favourite colour?",
+        ),
+        (
+            "Viktor's dog is named Rex.",
+            "Viktor",
+            "'s dog is named",
+            "Rex",
+            "Viktor's dog is named",
+            "What is Viktor's dog's name?",
+        ),
+        (
+            "Anna Berg's favourite food was sushi.",
+            "Anna Berg",
+            "'s favourite food was",
+            "sushi",
+            "Anna Berg's favourite food was",
+            "What was Anna Berg's favourite food?",
+        ),
+        ("James' car is a Volvo.", "James", "' car is a", "Volvo", "James' car is a", None),
+    ],
+)
+def test_a_names_possessive_with_is_is_stored_about_the_name(
+    text: str, subject: str, relation: str, obj: str, prompt: str, question: str | None
+) -> None:
+    fact = extract_fact(text)
+    assert (fact.subject, fact.relation, fact.object, fact.prompt) == (
+        subject,
+        relation,
+        obj,
+        prompt,
+    )
+    assert fact.sentence == text
+    if question:
+        assert question in fact.questions
+
+
+def test_other_possessives_are_refused_with_a_hint() -> None:
+    assert "possessive" in _refusal("Viktor's sister lives in Oslo.")  # about the sister
+    assert "possessive" in _refusal("Viktor's is the best.")
+    assert "possessive" in _refusal("Viktor's older brother's name is Lars.")
+    assert "no subject" in _refusal("Today's weather is nice.")
+    assert "negations" in _refusal("Viktor's dog is not named Rex.")
+    assert "hypotheticals" in _refusal("Viktor's dog might be named Rex.")
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t", "...", "- "])
