@@ -198,10 +198,10 @@ class Engine:
         """
         editor = self.editor()
         held = [m for m in self.memories if m.scale > 0 or m.stage == "consolidated"]
-        kin = [m for m in held if any(m.fact.about_same_subject(f) for f in facts)]
+        kin = [m for m in held if self.kept_together(m.fact, facts)]
         others = [m for m in held if m.scale > 0 and m not in kin]
         constraints = self.keys_of(others) if self.cfg.constrain_wake else []
-        keep = [[m.fact for m in kin if m.fact.about_same_subject(f)] for f in facts]
+        keep = [[m.fact for m in kin if self.kept_together(m.fact, [f])] for f in facts]
         edits = editor.write(facts, constraints, keep=keep)
         if self.cfg.retry_clamp_norm:
             written = self._retry(editor, edits, constraints, keep)
@@ -224,6 +224,11 @@ class Engine:
             self._factors[m.id] = e.factors
             self._keys[m.id] = e.keys
         return memories
+
+    def kept_together(self, fact: Fact, others: Sequence[Fact]) -> bool:
+        """Whether ``fact`` shares a subject with one of ``others`` and is kept by v* rather
+        than held at zero residual (``EditConfig.hold_same_subject``)."""
+        return not self.cfg.hold_same_subject and any(fact.about_same_subject(o) for o in others)
 
     def _retry(
         self,

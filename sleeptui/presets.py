@@ -34,6 +34,10 @@ class EditConfig:
         hold_name: The keys at the subject's other tokens (all but its last, in every
             rendering) are held at zero residual too: the edit then acts where the whole name
             has been read, not on its parts, which other names share.
+        hold_same_subject: Memories about the new fact's own subject are held at zero
+            residual like any other (the papers' eq. 5). Their keys are the new fact's, so
+            this blocks a second fact about one person; by default (False) they are left
+            out of the constraints and v* keeps their answers instead.
         retry_clamp_norm: If set, a fact whose write with ``clamp_norm`` fell short is
             reverted and written again with this larger clamp, so that only the facts that
             need a large shift pay its perplexity cost.
@@ -63,6 +67,7 @@ class EditConfig:
     cov_shrink: float = 0.0
     lam_hold: float = 0.1
     hold_name: bool = False
+    hold_same_subject: bool = False
     retry_clamp_norm: float | None = None
     retry_nll: float = 0.6
     v_bf16: bool = False

@@ -141,8 +141,8 @@ def refresh(
         if progress:
             progress("refresh", i, len(degraded))
         # Memories about the same subject share its keys: v* keeps them instead (as in wake).
-        kin = [m.fact for m, _ in held if m.fact.about_same_subject(memory.fact)]
-        keys = [k for m, k in held if not m.fact.about_same_subject(memory.fact)]
+        kin = [m.fact for m, _ in held if engine.kept_together(m.fact, [memory.fact])]
+        keys = [k for m, k in held if not engine.kept_together(m.fact, [memory.fact])]
         [edit] = editor.write([memory.fact], constraints=keys, keep=[kin])
         factors = edit.factors
         for _ in range(REFRESH_PASSES - 1):
