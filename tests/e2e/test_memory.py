@@ -82,7 +82,7 @@ def test_every_fact_about_one_person_is_recalled(engine):
         for text in (
             "Sunniva Brekkestad plays the bassoon.",
             "Sunniva Brekkestad lives in Dunedin.",
-            "Sunniva Brekkestad works as a welder.",
+            "Sunniva Brekkestad's favourite colour is teal.",
         )
     ]
     engine.remember([RUNE, *facts])  # one at a time, constrained, as in chat
