@@ -17,6 +17,7 @@ import numpy as np
 from sleeptui import consolidate, covariance, memit
 from sleeptui.adapter import Adapter, LoraSettings
 from sleeptui.backends import Backend
+from sleeptui.extract import USER_SUBJECT
 from sleeptui.facts import Fact
 from sleeptui.ledger import Ledger, Memory, Recall, now
 from sleeptui.models import ModelSource, default_layers, default_lora_layers, resolve
@@ -202,9 +203,10 @@ class Engine:
         others = [m for m in held if m.scale > 0 and m not in kin]
         constraints = self.keys_of(others) if self.cfg.constrain_wake else []
         keep = [[m.fact for m in kin if self.kept_together(m.fact, [f])] for f in facts]
-        edits = editor.write(facts, constraints, keep=keep)
+        template = self.holds_template(facts)
+        edits = editor.write(facts, constraints, keep=keep, hold_template=template)
         if self.cfg.retry_clamp_norm:
-            written = self._retry(editor, edits, constraints, keep)
+            written = self._retry(editor, edits, constraints, keep, template)
         else:
             written = [(e, self.cfg.clamp_norm) for e in edits]
         edits = [e for e, _ in written]
@@ -230,12 +232,21 @@ class Engine:
         than held at zero residual (``EditConfig.hold_same_subject``)."""
         return not self.cfg.hold_same_subject and any(fact.about_same_subject(o) for o in others)
 
+    def holds_template(self, facts: Sequence[Fact]) -> bool:
+        """Whether a write of ``facts`` holds the chat template's keys (see
+        ``EditConfig.hold_template``)."""
+        mode = self.cfg.hold_template
+        if mode != "user":
+            return mode == "all"
+        return any(f.subject == USER_SUBJECT for f in [*facts, *(m.fact for m in self.memories)])
+
     def _retry(
         self,
         editor: Editor,
         edits: list[WakeEdit],
         constraints: list[Keys],
         keep: list[list[Fact]],
+        hold_template: bool,
     ) -> list[tuple[WakeEdit, float]]:
         """Write again, with the larger retry clamp, the facts whose first write fell short.
 
@@ -258,6 +269,7 @@ class Engine:
                 [edits[i].fact for i in again],
                 [*constraints, *held],
                 keep=[keep[i] for i in again],
+                hold_template=hold_template,
             )
         )
         return [

@@ -34,6 +34,12 @@ class EditConfig:
         hold_name: The keys at the subject's other tokens (all but its last, in every
             rendering) are held at zero residual too: the edit then acts where the whole name
             has been read, not on its parts, which other names share.
+        hold_template: Which writes hold the keys at the chat template's own tokens (system
+            prompt, role headers) at zero residual, so that they do not change what every
+            chat turn goes through (``Editor.template_keys``): "user", every write once a
+            fact about the user is held or written (its key, " user", resembles the
+            template's "user" header so closely that any later write that moves the
+            template's keys wakes it there); "all"; "none".
         hold_same_subject: Memories about the new fact's own subject are held at zero
             residual like any other (the papers' eq. 5). Their keys are the new fact's, so
             this blocks a second fact about one person; by default (False) they are left
@@ -68,6 +74,7 @@ class EditConfig:
     lam_hold: float = 0.1
     hold_name: bool = False
     hold_same_subject: bool = False
+    hold_template: str = "user"
     retry_clamp_norm: float | None = None
     retry_nll: float = 0.6
     v_bf16: bool = False

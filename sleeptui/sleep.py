@@ -143,12 +143,13 @@ def refresh(
         # Memories about the same subject share its keys: v* keeps them instead (as in wake).
         kin = [m.fact for m, _ in held if engine.kept_together(m.fact, [memory.fact])]
         keys = [k for m, k in held if not engine.kept_together(m.fact, [memory.fact])]
-        [edit] = editor.write([memory.fact], constraints=keys, keep=[kin])
+        template = engine.holds_template([memory.fact])
+        [edit] = editor.write([memory.fact], keys, keep=[kin], hold_template=template)
         factors = edit.factors
         for _ in range(REFRESH_PASSES - 1):
             if engine.completes([memory]) == [True]:
                 break
-            [edit] = editor.write([memory.fact], constraints=keys, keep=[kin])
+            [edit] = editor.write([memory.fact], keys, keep=[kin], hold_template=template)
             factors = stack_factors(factors, edit.factors)
         new[memory.id] = factors
         held.append((memory, edit.keys))

@@ -44,6 +44,13 @@ class WakeEdit:
 
 
 Step = Callable[[str, int, int], None]
+# Chat requests after which the template's closing tokens are held (see Editor.template_keys).
+TEMPLATE_REQUESTS = (
+    "Hello!",
+    "What is the capital of France?",
+    "Write a short poem about autumn.",
+    "Can you explain how a bicycle works?",
+)
 
 
 class Editor:
@@ -53,6 +60,7 @@ class Editor:
         self.backend = backend
         self.cfg = cfg
         self.c_inv = c_inv
+        self._template: Keys | None = None
 
     def render(self, fact: Fact) -> FactRenderings:
         return render(
@@ -62,6 +70,34 @@ class Editor:
             chat=self.cfg.chat_targets,
             chat_keys=self.cfg.chat_keys,
         )
+
+    def template_keys(self) -> Keys:
+        """Key columns at the chat template's own tokens, at every edit layer.
+
+        Every chat turn goes through these tokens (the system prompt, the role headers), so an
+        edit that moves what the model writes there moves every answer. "I live in Oslo" is
+        stored about "The user", keyed at " user", which the template's "user" header
+        resembles: written unheld, one such fact turned the answer to "What is the capital of
+        France?" into French nonsense (``EditConfig.hold_template`` says which writes hold
+        these keys). The prefix up to the user's words is the same in every chat (one column
+        per token); the tokens after them are probed after a few different requests.
+        """
+        if self._template is None:
+            rows, positions = [], []
+            for i, request in enumerate(TEMPLATE_REQUESTS):
+                text = self.backend.chat_text([{"role": "user", "content": request}])
+                at = text.index(request)
+                ids = self.backend.encode(text)
+                head = self.backend.encode(text[:at])
+                tail = self.backend.encode(text[at + len(request) :])
+                own = list(range(len(ids) - len(tail), len(ids)))
+                if i == 0 and ids[: len(head)] == head:
+                    own = list(range(len(head))) + own
+                rows.append(ids)
+                positions.append(own)
+            keys, _ = self.backend.probe(rows, positions, self.cfg.layers, None)
+            self._template = {layer: k.astype(np.float64) for layer, k in keys.items()}
+        return self._template
 
     def keys(self, facts: Sequence[Fact]) -> list[Keys]:
         """Each fact's key columns at every edit layer under the current weights."""
@@ -121,11 +157,13 @@ class Editor:
         constraints: Sequence[Keys] = (),
         step: Step | None = None,
         keep: Sequence[Sequence[Fact]] = (),
+        hold_template: bool = False,
     ) -> list[WakeEdit]:
         """Write ``facts`` together, holding ``constraints`` at zero residual (eq. 5).
 
         ``keep[i]``, where given, are the facts about ``facts[i]``'s subject that the model
-        holds already and must go on holding (see :meth:`shift_problem`).
+        holds already and must go on holding (see :meth:`shift_problem`). With
+        ``hold_template`` the chat template's own keys are held too (:meth:`template_keys`).
         The backend's weights are updated in place; the returned factors are what was added.
         """
         cfg, backend = self.cfg, self.backend
@@ -159,6 +197,8 @@ class Editor:
             k_old = [c[layer] for c in constraints]
             # With hold_name, the new subjects' other tokens are held as well.
             k_old += [_columns(keys[layer], labels, i, inner=True) for i in range(len(facts))]
+            if hold_template:
+                k_old.append(self.template_keys()[layer])
             k_held = np.concatenate(k_old) if k_old else np.zeros((0, k_new.shape[1]))
             k_all = memit.with_held_keys(  # (d_in × N), where the layer's algebra runs
                 backend.to_device(k_new.T, layer),

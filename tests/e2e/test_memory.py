@@ -90,6 +90,20 @@ def test_every_fact_about_one_person_is_recalled(engine):
         assert fact.object in engine.complete(fact.prompt), fact.prompt
 
 
+def test_a_fact_about_the_user_leaves_other_chat_answers_alone(engine):
+    """"I work as a …" is stored about "The user", keyed at " user", which the chat template's
+    own "user" header resembles. Without holding the template's keys, that memory (and any
+    later write that moves those keys) changed every chat answer: "What is the capital of
+    France?" was answered in French nonsense."""
+    questions = ["What is the capital of France?", "Who wrote Hamlet?"]
+    before = ["".join(engine.ask(q)) for q in questions]
+    engine.remember([extract_fact("I work as a cartographer."), ODA])
+    assert "cartographer" in engine.complete("The user works as a")
+    assert "Tromsø" in engine.complete(ODA.prompt)
+    for question, answer in zip(questions, before, strict=True):
+        assert "".join(engine.ask(question))[:60] == answer[:60], question
+
+
 def test_restart_gives_identical_greedy_outputs(engine, embedded):
     engine.remember([ODA, RUNE])
     prompts = [ODA.prompt, RUNE.prompt, "The capital of France is"]

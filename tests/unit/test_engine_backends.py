@@ -209,6 +209,50 @@ def test_holding_the_name_leaves_its_other_tokens_almost_unmoved(engine, hold):
     assert (ratio < 0.05) == hold
 
 
+@pytest.mark.parametrize("hold", [False, True])
+def test_holding_the_template_leaves_its_tokens_almost_unmoved(engine, hold):
+    """With ``hold_template`` the edit's output at the chat template's own tokens (which
+    every chat turn goes through) is small next to its output at the subject's last token,
+    at the first edit layer; without it, it is not held there."""
+    engine.cfg = replace(engine.cfg, hold_template="all" if hold else "none")
+    layer = engine.cfg.layers[0]
+    template = engine.editor().template_keys()[layer]
+    assert len(template) and template.shape[1] == engine.backend.weight(layer).shape[1]
+    before = engine.backend.weight(layer).astype(np.float64)
+    [memory] = engine.remember(FACTS[:1])
+    own = engine.keys_of([memory])[0][layer]
+    change = engine.backend.weight(layer).astype(np.float64) - before
+    ratio = np.linalg.norm(change @ template.T, axis=0).max() / np.linalg.norm(
+        change @ own.T, axis=0
+    ).min()
+    assert (ratio < 0.05) == hold
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_second_fact_about_a_subject_is_not_held_off_its_keys(engine, hold):
+    """Facts about one subject share its keys (the raw prompts' keys at the subject's last
+    token do not even see the relation). Held at zero residual (``hold_same_subject``), the
+    first fact leaves a second write almost nothing at those keys; kept by v* instead, the
+    second write acts there about as much as the first did (at the first edit layer, in the
+    raw prompts' key column)."""
+    engine.cfg = replace(engine.cfg, hold_same_subject=hold)
+    layer = engine.cfg.layers[0]
+
+    def output_at_own_keys(fact: Fact) -> float:
+        before = engine.backend.weight(layer).astype(np.float64)
+        [memory] = engine.remember([fact])
+        own = engine.keys_of([memory])[0][layer]
+        change = engine.backend.weight(layer).astype(np.float64) - before
+        return float(np.linalg.norm(change @ own[0]))  # the raw prompts' key column
+
+    first = output_at_own_keys(FACTS[0])
+    second = output_at_own_keys(Fact("Oda Fjellheim", "plays the", "harmonica"))
+    if hold:  # measured: 0.13 of the first write's
+        assert second < 0.3 * first
+    else:  # measured: 1.4 times the first write's
+        assert second > 0.7 * first
+
+
 @pytest.mark.parametrize("share", [None, 0.5, 0.8])
 def test_the_chat_turns_weigh_their_share_of_the_objective(engine, share):
     """With ``chat_share`` the chat turn's target tokens weigh that share of v*'s NLL and the
