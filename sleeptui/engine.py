@@ -198,9 +198,9 @@ class Engine:
         keeps their answers instead (see :meth:`Editor.shift_problem`).
         """
         editor = self.editor()
-        held = [m for m in self.memories if m.scale > 0 or m.stage == "consolidated"]
-        kin = [m for m in held if self.kept_together(m.fact, facts)]
-        others = [m for m in held if m.scale > 0 and m not in kin]
+        in_force = [m for m in self.memories if m.scale > 0 or m.stage == "consolidated"]
+        kin = [m for m in in_force if self.kept_together(m.fact, facts)]
+        others = [m for m in in_force if m.scale > 0 and m not in kin]
         constraints = self.keys_of(others) if self.cfg.constrain_wake else []
         keep = [[m.fact for m in kin if self.kept_together(m.fact, [f])] for f in facts]
         template = self.holds_template(facts)
