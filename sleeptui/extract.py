@@ -26,8 +26,9 @@ Design decisions:
 * "<Name>'s <thing> is <what>" ("Ines Berg's favourite colour is teal") is
   stored about the name, with the thing in the relation ("'s favourite colour
   is") and the questions asked about it ("What is Ines Berg's favourite
-  colour?"). Other possessives ("Viktor's sister lives in Oslo", whose subject
-  is the sister) are refused.
+  colour?"); "The favourite colour of Ines Berg is teal" is read as that form.
+  Other possessives ("Viktor's sister lives in Oslo", whose subject is the
+  sister) are refused.
 * Refused: questions, hypotheticals and modals, negations, commands,
   statements about the assistant, sentences without subject, verb or object,
   and over-long input.
@@ -349,6 +350,8 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
 
     named: str | None = None
     singularise = False
+    if first == "the" and (turned := _of_to_possessive(words)):
+        words, first = turned, turned[0].lower()  # "Ines Berg's colour is", as below
     possessed = ""  # "'s favourite colour" of "Ines Berg's favourite colour is teal"
     if first == "i":
         subject, predicate, singularise = USER_SUBJECT, words[1:], True
@@ -396,6 +399,9 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
     if possessed:
         # The key stays at the owner's name; the questions ask about the thing owned.
         questions = questions_for(subject + possessed, rel)
+        if rel in _COPULAS:  # and the other way round: "What is the colour of Ines Berg?"
+            thing = possessed.split(" ", 1)[1]
+            questions = (questions[0], f"What {rel} the {thing} of {subject}?", *questions[1:2])
         relation_text = f"{possessed} {rel}"
         fact = Fact(subject, relation_text, obj, prompt=subject + relation_text, questions=questions)
         return fact, named
@@ -420,6 +426,20 @@ def _parse_possessive(words: list[str], n: int) -> tuple[str, str, list[str]] | 
     if not 1 <= k <= 4 or k == len(rest) or not all(_is_verb(w) for w in rest[:k]):
         return POSSESSIVE
     return subject, f"{mark} {' '.join(rest[:k])}", rest[k:]
+
+
+def _of_to_possessive(words: list[str]) -> list[str] | None:
+    """"The favourite colour of Ines Berg is teal" as "Ines Berg's favourite colour is teal";
+    None unless the sentence has that form (one to four plain words before "of", a name, a
+    form of "be")."""
+    if "of" not in words[2:6]:
+        return None
+    k = words.index("of", 2)
+    thing, rest = words[1:k], words[k + 1 :]
+    n = _name_span(rest)
+    if not n or n >= len(rest) or rest[n] not in _COPULAS or not all(map(_is_verb, thing)):
+        return None
+    return [*rest[: n - 1], rest[n - 1] + "'s", *thing, *rest[n:]]
 
 
 def _parse_my(words: list[str]) -> tuple[str, list[str]] | str:

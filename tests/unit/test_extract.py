@@ -320,6 +320,14 @@ def test_sentences_without_verb_or_object_are_refused() -> None:
             "What was Anna Berg's favourite food?",
         ),
         ("James' car is a Volvo.", "James", "' car is a", "Volvo", "James' car is a", None),
+        (
+            "The favourite colour of Ines Berg is teal.",
+            "Ines Berg",
+            "'s favourite colour is",
+            "teal",
+            "Ines Berg's favourite colour is",
+            "What is the favourite colour of Ines Berg?",
+        ),
     ],
 )
 def test_a_names_possessive_with_is_is_stored_about_the_name(
@@ -332,7 +340,7 @@ def test_a_names_possessive_with_is_is_stored_about_the_name(
         obj,
         prompt,
     )
-    assert fact.sentence == text
+    assert fact.sentence == f"{prompt} {obj}."
     if question:
         assert question in fact.questions
 
@@ -342,6 +350,8 @@ def test_other_possessives_are_refused_with_a_hint() -> None:
     assert "possessive" in _refusal("Viktor's is the best.")
     assert "possessive" in _refusal("Viktor's older brother's name is Lars.")
     assert "no subject" in _refusal("Today's weather is nice.")
+    assert "no subject" in _refusal("The colour of the sky is blue.")
+    assert "no subject" in _refusal("The best friend of Anna Berg lives in Oslo.")
     assert "negations" in _refusal("Viktor's dog is not named Rex.")
     assert "hypotheticals" in _refusal("Viktor's dog might be named Rex.")
 
