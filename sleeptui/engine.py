@@ -177,8 +177,13 @@ class Engine:
         return self.ledger.memories
 
     def remember(self, facts: Sequence[Fact], batch: bool = False) -> list[Memory]:
-        """Write facts into the weights (one at a time, or together) and commit each."""
-        groups = [list(facts)] if batch else [[f] for f in facts]
+        """Write facts into the weights (one at a time, or together) and commit each.
+
+        Facts about one subject share its keys, so one solve cannot give them different
+        objects: a batch is written in rounds with at most one fact per subject each, and
+        each round keeps what the earlier ones wrote (see :meth:`_write`).
+        """
+        groups = _rounds(facts) if batch else [[f] for f in facts]
         written = []
         with self._writer:
             if self.ledger.ppl_base is None and not self.memories:
@@ -732,6 +737,19 @@ class Engine:
     def _step(self, stage: str, i: int, n: int) -> None:
         if self.progress:
             self.progress(stage, i, n)
+
+
+def _rounds(facts: Sequence[Fact]) -> list[list[Fact]]:
+    """``facts`` in order, split into groups with at most one fact per subject each."""
+    rounds: list[list[Fact]] = []
+    for fact in facts:
+        slot = next(
+            (r for r in rounds if not any(fact.about_same_subject(f) for f in r)), None
+        )
+        if slot is None:
+            rounds.append(slot := [])
+        slot.append(fact)
+    return rounds
 
 
 def reference_text() -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 from sleeptui.backends import ProbeResume
 
 from sleeptui import memit
-from sleeptui.engine import Engine, fingerprint
+from sleeptui.engine import Engine, _rounds, fingerprint
 from sleeptui.facts import Fact
 from sleeptui.state import StateFolder
 
@@ -248,6 +248,20 @@ def test_a_second_fact_about_a_subject_is_not_held_off_its_keys(engine, hold):
         assert second < 0.3 * first
     else:  # measured: 1.4 times the first write's
         assert second > 0.7 * first
+
+
+def test_a_batch_is_written_in_rounds_with_one_fact_per_subject(engine):
+    """One solve cannot give a subject's shared keys two objects: the batch's second fact
+    about Oda is written in a round of its own, keeping the first."""
+    base = base_weights(engine.backend)
+    oda_plays = Fact("oda  fjellheim", "plays the", "harmonica")  # case and spacing aside
+    assert _rounds([FACTS[0], FACTS[1], oda_plays, FACTS[2]]) == [
+        [FACTS[0], FACTS[1], FACTS[2]],
+        [oda_plays],
+    ]
+    memories = engine.remember([FACTS[0], FACTS[1], oda_plays], batch=True)
+    assert [m.object for m in memories] == ["Tromsø", "harmonica", "harmonica"]
+    assert_weights_are_base_plus_stored_factors(engine, base)
 
 
 @pytest.mark.parametrize("share", [None, 0.5, 0.8])
