@@ -74,9 +74,10 @@ def test_a_fact_never_stated_is_not_invented(engine):
     assert "harmonica" not in engine.complete(RUNE.prompt)
 
 
-def test_every_fact_about_one_person_is_recalled(engine):
+def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(engine):
     """Facts about one subject share its keys. Holding the earlier ones at zero residual
-    (eq. 5) would block each later write at that key; v* keeps them instead."""
+    (eq. 5) would block each later write at that key; v* keeps them instead. Forgetting the
+    first takes away what the later ones were written on top of: the forget repairs them."""
     facts = [
         extract_fact(text)
         for text in (
@@ -85,8 +86,12 @@ def test_every_fact_about_one_person_is_recalled(engine):
             "Sunniva Brekkestad's favourite colour is teal.",
         )
     ]
-    engine.remember([RUNE, *facts])  # one at a time, constrained, as in chat
+    memories = engine.remember([RUNE, *facts])  # one at a time, constrained, as in chat
     for fact in (RUNE, *facts):
+        assert fact.object in engine.complete(fact.prompt), fact.prompt
+    assert engine.forget(memories[1].id).verified
+    assert "bassoon" not in engine.complete(facts[0].prompt)
+    for fact in (RUNE, *facts[1:]):
         assert fact.object in engine.complete(fact.prompt), fact.prompt
 
 
