@@ -112,8 +112,10 @@ class Editor:
         ]
 
     def with_clamp(self, clamp_norm: float) -> Editor:
-        """This editor with another clamp on δ (same backend and covariance)."""
-        return Editor(self.backend, replace(self.cfg, clamp_norm=clamp_norm), self.c_inv)
+        """This editor with another clamp on δ (same backend, covariance and template keys)."""
+        other = Editor(self.backend, replace(self.cfg, clamp_norm=clamp_norm), self.c_inv)
+        other._template = self._template
+        return other
 
     def shift_problem(
         self, r: FactRenderings, kl: bool = True, keep: Sequence[FactRenderings] = ()
