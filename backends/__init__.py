@@ -56,12 +56,16 @@ class ShiftProblem:
             distribution must stay as it was: the KL term.
         shares: Each rendering's share of the target NLL, summing to 1; empty: equal
             shares. A rendering's share is spread evenly over its target tokens.
+        metric: The residual stream's sensitivity M (d_model × d_model, mean eigenvalue 1,
+            ``covariance.sensitivity``), with which ``cfg.fisher_decay`` · δᵀMδ / ‖h‖² is
+            added to the objective; None: no such term.
     """
 
     layer: int
     renderings: tuple[Rendering, ...]
     kl_renderings: tuple[Rendering, ...]
     shares: tuple[float, ...] = ()
+    metric: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def token_weights(self) -> list[float]:
         """The weight of each target token in the NLL, renderings in order."""
@@ -152,6 +156,13 @@ class Backend(Protocol):
 
     def optimise_shift(self, problem: ShiftProblem, cfg: object) -> ShiftResult:
         """Find δ minimising eq. 1 (target NLL + λ_KL·KL + weight decay)."""
+        ...
+
+    def residual_fisher(
+        self, rows: Sequence[Sequence[int]], layers: Sequence[int]
+    ) -> dict[int, np.ndarray]:
+        """Per layer, E[g gᵀ] (d_model × d_model, float64) over the tokens of ``rows``, with g
+        the gradient of the row's summed next-token NLL with respect to the layer's output."""
         ...
 
     def weight(self, layer: int) -> np.ndarray:

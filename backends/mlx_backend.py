@@ -294,6 +294,9 @@ class MLXBackend:
         run = ShiftPass(self, problem)
         weights = mx.array(problem.token_weights())
         has_kl = bool(problem.kl_renderings)
+        metric = None
+        if problem.metric is not None and cfg.fisher_decay:
+            metric = mx.array(np.asarray(problem.metric, np.float32))
 
         def objective(delta: mx.array, kl_ref: mx.array | None):
             target_logp, kl_logp = run.log_probs(delta)
@@ -303,6 +306,8 @@ class MLXBackend:
                 ref = mx.stop_gradient(kl_logp) if kl_ref is None else kl_ref  # δ = 0 at step 1
                 loss = loss + cfg.kl_factor * _kl(kl_logp, ref)
             loss = loss + cfg.weight_decay * (delta * delta).sum() / run.h_norm**2
+            if metric is not None:
+                loss = loss + cfg.fisher_decay * (delta @ metric @ delta) / run.h_norm**2
             return loss, nll, kl_logp
 
         loss_and_grad = mx.value_and_grad(objective)
@@ -327,6 +332,36 @@ class MLXBackend:
         return ShiftResult(
             delta=np.array(params["delta"], dtype=np.float32), loss=loss_val, steps=steps
         )
+
+    def residual_fisher(
+        self, rows: Sequence[Sequence[int]], layers: Sequence[int]
+    ) -> dict[int, np.ndarray]:
+        """One backward pass per row, with a zero shift added to each layer's output: the
+        gradient with respect to that shift is g at every token."""
+        last = max(layers)
+        sums = {layer: np.zeros((self.info.d_model,) * 2) for layer in layers}
+        count = 0
+        for row in rows:
+            ids = mx.array([list(row)])
+
+            def nll(shifts: dict[int, mx.array], ids=ids) -> mx.array:
+                h = self.model.model.embed_tokens(ids)
+                for layer in range(last + 1):
+                    h = self.model.layers[layer](h, "causal", None)
+                    if layer in shifts:
+                        h = h + shifts[layer]
+                h = self._run(h, last + 1, self.info.n_layers)
+                logits = self._logits(h)[0, :-1].astype(mx.float32)
+                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                return -mx.take_along_axis(logp, ids[0, 1:, None], axis=1).sum()
+
+            zero = mx.zeros((1, len(row), self.info.d_model), dtype=mx.float32)
+            grads = mx.grad(nll)({layer: zero for layer in layers})
+            for layer in layers:
+                g = np.array(grads[layer][0, :-1], dtype=np.float64)
+                sums[layer] += g.T @ g
+            count += len(row) - 1
+        return {layer: s / max(count, 1) for layer, s in sums.items()}
 
     # -- weights -----------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,9 @@ class TorchBackend:
         run = _ShiftPass(self.model, problem, self._bf16_copy if half else None)
         delta = torch.zeros(self.info.d_model, device=run.device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        metric = None
+        if problem.metric is not None and cfg.fisher_decay:
+            metric = torch.as_tensor(problem.metric, dtype=torch.float32, device=run.device)
         kl_ref = None
         loss_val, steps = float("inf"), 0
         while steps < cfg.v_steps:
@@ -274,6 +278,8 @@ class TorchBackend:
                 )
                 loss = loss + cfg.kl_factor * kl
             loss = loss + cfg.weight_decay * (delta.norm() / run.h_norm) ** 2
+            if metric is not None:
+                loss = loss + cfg.fisher_decay * (delta @ metric @ delta) / run.h_norm**2
             loss_val = float(nll.detach())
             if loss_val < cfg.v_loss_stop:
                 break
@@ -284,6 +290,39 @@ class TorchBackend:
                 if delta.norm() > limit:
                     delta.mul_(limit / delta.norm())
         return ShiftResult(delta=delta.detach().float().cpu().numpy(), loss=loss_val, steps=steps)
+
+    def residual_fisher(
+        self, rows: Sequence[Sequence[int]], layers: Sequence[int]
+    ) -> dict[int, np.ndarray]:
+        """One backward pass per row, with a zero shift added to each layer's output: the
+        gradient with respect to that shift is g at every token."""
+        d = self.info.d_model
+        sums = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in layers}
+        shifts: dict[int, torch.Tensor] = {}
+
+        def add_shift(_mod, _args, out, layer: int):
+            hidden = out[0] if isinstance(out, tuple) else out
+            shifts[layer] = torch.zeros_like(hidden, requires_grad=True)
+            moved = hidden + shifts[layer]
+            return (moved, *out[1:]) if isinstance(out, tuple) else moved
+
+        blocks = self.model.model.layers
+        hooks = [blocks[i].register_forward_hook(partial(add_shift, layer=i)) for i in layers]
+        count = 0
+        try:
+            for row in rows:
+                ids = torch.tensor([list(row)], device=self._device)
+                logits = self.model(input_ids=ids).logits[0, :-1].float()
+                nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+                grads = torch.autograd.grad(nll, [shifts[layer] for layer in layers])
+                for layer, g in zip(layers, grads, strict=True):
+                    g = g[0, :-1].double().cpu()  # the last token's output predicts nothing here
+                    sums[layer] += g.T @ g
+                count += ids.shape[1] - 1
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {layer: (s / max(count, 1)).numpy() for layer, s in sums.items()}
 
     def _bf16_copy(self, module: torch.nn.Module) -> _Cast:
         """``module`` run from a bfloat16 copy of its float32 weights, kept while they are
