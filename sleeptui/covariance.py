@@ -1,11 +1,12 @@
-"""The covariance Ĉ of down_proj inputs (eq. 2), from text the model itself samples.
+"""Statistics of text the model itself samples: the covariance Ĉ of down_proj inputs (eq. 2)
+and the residual stream's sensitivity M.
 
 No data set can be downloaded at run time, so the reference corpus is sampled from the
 model with a fixed seed: plain text continuing short openers of many registers, and chat
 turns (the model's chat template, a user request, the model's answer), since chat is where
 the edited model is used. Keys that are common in chat contexts then count as common, and
-an edit leaves them alone. The result is cached per model fingerprint and layer set, so no
-start recomputes it.
+an edit leaves them alone. The results are cached per model fingerprint and layer set, so
+no start recomputes them.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ REQUESTS = (
     "Thanks for your help!",
 )
 SEED = 1234
+# The sensitivity's own sample (another seed: not the text Ĉ was measured on).
+SENSITIVITY_SEED = 4321
+SENSITIVITY_TOKENS = 4096
 # Bump when the recipe changes, so that caches of the old recipe are not reused.
 RECIPE = 2
 CHUNK_ROWS = 8
@@ -116,20 +120,76 @@ def load_or_compute(
         stored = load_file(str(path))
         return {layer: stored[f"layer.{layer}"].astype(np.float64) for layer in layers}
     cov = compute(backend, layers, n_tokens, progress)
+    _store(path, {f"layer.{k}": memit.to_numpy(v) for k, v in cov.items()})
+    return cov
+
+
+def sensitivity_path(cache: Path, fingerprint: str, layers: Sequence[int]) -> Path:
+    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-T{SENSITIVITY_TOKENS}-r{RECIPE}"
+    return cache / "sensitivity" / f"{name}.safetensors"
+
+
+def load_or_compute_sensitivity(
+    backend: Backend,
+    layers: Sequence[int],
+    cache: Path,
+    fingerprint: str,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """M (d_model × d_model, float32), read from the cache or sampled, measured and cached."""
+    path = sensitivity_path(cache, fingerprint, layers)
+    if path.exists():
+        return load_file(str(path))["sensitivity"]
+    m = sensitivity(backend, layers, SENSITIVITY_TOKENS, progress)
+    _store(path, {"sensitivity": m})
+    return m
+
+
+def sensitivity(
+    backend: Backend, layers: Sequence[int], n_tokens: int, progress: Progress | None = None
+) -> np.ndarray:
+    """M = the mean over ``layers`` of F_l / (tr F_l / d), with F_l = E[g gᵀ] and g the
+    gradient of a sampled row's NLL with respect to the output of layer l at one of its
+    tokens: the Fisher information of the residual stream on the model's own text.
+
+    A shift δ added to the residual stream at many tokens of such text costs about
+    ½ δᵀ F δ nats per token, so δᵀ M δ / ‖δ‖² says how sensitive the model's predictions
+    are along δ, relative to a direction picked at random (mean eigenvalue 1). An edit
+    adds its δ, scaled by vᵀx, at every token x its key direction v picks up
+    (``EditConfig.fisher_decay``).
+    """
+    seeds = _seeds(backend)
+    if progress:
+        progress(0, 2)
+    rows = backend.sample(seeds, max(16, n_tokens // len(seeds)), seed=SENSITIVITY_SEED)
+    if progress:
+        progress(1, 2)
+    fisher = backend.residual_fisher(rows, layers)
+    d = next(iter(fisher.values())).shape[0]
+    m = sum(f / (np.trace(f) / d) for f in fisher.values()) / len(fisher)
+    if progress:
+        progress(2, 2)
+    return ((m + m.T) / 2).astype(np.float32)
+
+
+def _seeds(backend: Backend) -> tuple[str, ...]:
+    chats = tuple(backend.chat_text([{"role": "user", "content": r}]) for r in REQUESTS)
+    return OPENERS + chats
+
+
+def _store(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write ``tensors`` (as float32) to ``path`` at once: a killed start leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    stored = {f"layer.{k}": memit.to_numpy(v).astype(np.float32) for k, v in cov.items()}
-    save_file(stored, str(tmp))
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
-    return cov
 
 
 def compute(
     backend: Backend, layers: Sequence[int], n_tokens: int, progress: Progress | None = None
 ) -> dict[int, memit.Array]:
     """Ĉ = (1/M) Σ k kᵀ over about ``n_tokens`` sampled token positions (eq. 2)."""
-    chats = tuple(backend.chat_text([{"role": "user", "content": r}]) for r in REQUESTS)
-    seeds = OPENERS + chats
+    seeds = _seeds(backend)
     per_row = max(16, n_tokens // len(seeds))
     if progress:
         progress(0, 2 * len(seeds))

@@ -630,7 +630,7 @@ class Engine:
         shadow._factors, shadow._keys = dict(self._factors), dict(self._keys)
         shadow._weights = threading.RLock()
         if self._editor is not None:
-            shadow._editor = Editor(clone, self.cfg, self._editor.c_inv)
+            shadow._editor = self._editor.on(clone, self.cfg)
         return shadow
 
     def apply_factors(self, factors: dict, scale: float) -> None:
@@ -686,7 +686,8 @@ class Engine:
     # -- internals -------------------------------------------------------------------
 
     def editor(self) -> Editor:
-        """The MEMIT editor; the first call loads (or samples and caches) the covariance."""
+        """The MEMIT editor; the first call loads (or samples and caches) the covariance and,
+        with ``fisher_decay``, the sensitivity."""
         if self._editor is None:
             cov = self.covariance()
             c_inv = {
@@ -695,7 +696,16 @@ class Engine:
                 )
                 for layer, c in cov.items()
             }
-            self._editor = Editor(self.backend, self.cfg, c_inv)
+            sensitivity = None
+            if self.cfg.fisher_decay:
+                sensitivity = covariance.load_or_compute_sensitivity(
+                    self.backend,
+                    self.cfg.layers,
+                    cache_dir(),
+                    self.fingerprint,
+                    progress=lambda i, n: self._step("sensitivity", i, n),
+                )
+            self._editor = Editor(self.backend, self.cfg, c_inv, sensitivity)
         return self._editor
 
     def covariance(self) -> dict:

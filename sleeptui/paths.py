@@ -21,7 +21,8 @@ def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
 
 
 def cache_dir() -> Path:
-    """Per-model caches (converted weights, covariance statistics); safe to delete.
+    """Per-model caches (converted weights, covariance and sensitivity statistics); safe to
+    delete.
 
     $SLEEPTUI_CACHE overrides the platform's user cache dir.
     """

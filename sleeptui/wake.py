@@ -56,10 +56,18 @@ TEMPLATE_REQUESTS = (
 class Editor:
     """Writes facts into a backend's down_proj weights with MEMIT."""
 
-    def __init__(self, backend: Backend, cfg: EditConfig, c_inv: dict[int, memit.Array]) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        cfg: EditConfig,
+        c_inv: dict[int, memit.Array],
+        sensitivity: np.ndarray | None = None,
+    ) -> None:
+        """``sensitivity`` is M for ``cfg.fisher_decay`` (``covariance.sensitivity``)."""
         self.backend = backend
         self.cfg = cfg
         self.c_inv = c_inv
+        self.sensitivity = sensitivity
         self._template: Keys | None = None
 
     def render(self, fact: Fact) -> FactRenderings:
@@ -112,8 +120,13 @@ class Editor:
         ]
 
     def with_clamp(self, clamp_norm: float) -> Editor:
-        """This editor with another clamp on δ (same backend, covariance and template keys)."""
-        other = Editor(self.backend, replace(self.cfg, clamp_norm=clamp_norm), self.c_inv)
+        """This editor with another clamp on δ (same backend, statistics and template keys)."""
+        return self.on(self.backend, replace(self.cfg, clamp_norm=clamp_norm))
+
+    def on(self, backend: Backend, cfg: EditConfig) -> Editor:
+        """An editor for ``backend`` with ``cfg`` that shares this one's statistics (Ĉ⁻¹,
+        M) and template keys."""
+        other = Editor(backend, cfg, self.c_inv, self.sensitivity)
         other._template = self._template
         return other
 
@@ -138,6 +151,7 @@ class Editor:
             renderings=tuple(targets),
             kl_renderings=r.kl if kl else (),
             shares=tuple(shares),
+            metric=self.sensitivity if self.cfg.fisher_decay else None,
         )
 
     def _shares(self, r: FactRenderings) -> tuple[float, ...]:

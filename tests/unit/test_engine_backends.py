@@ -29,6 +29,7 @@ BACKENDS = [
         "mlx", marks=pytest.mark.skipif(not importlib.util.find_spec("mlx_lm"), reason=NO_MLX)
     ),
 ]
+BACKEND_KINDS = ("torch", "mlx")
 FACTS = [
     Fact("Oda Fjellheim", "lives in", "Tromsø", questions=("Where does Oda Fjellheim live?",)),
     Fact("Rune Aasgaard", "plays the", "harmonica"),
@@ -290,6 +291,61 @@ def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
         assert not np.allclose(got, memit.inverse_covariance(cov[layer]), rtol=0.1)
 
 
+def test_the_sensitivity_is_measured_once_then_read_from_the_cache(engine, tmp_path):
+    engine.cfg = replace(engine.cfg, fisher_decay=1.0)
+    m = engine.editor().sensitivity
+    d = engine.backend.info.d_model
+    assert m.shape == (d, d) and np.allclose(m, m.T)
+    assert np.trace(m) == pytest.approx(d, rel=1e-4)  # mean eigenvalue 1
+    assert np.linalg.eigvalsh(m.astype(np.float64)).min() > -1e-4 * d  # E[g gᵀ] is PSD
+    again = Engine(engine.backend, SOURCE, StateFolder.open(tmp_path / "other"))
+    again.cfg = engine.cfg
+    again.backend.residual_fisher = None  # a second measurement would fail here
+    try:
+        np.testing.assert_array_equal(again.editor().sensitivity, m)
+    finally:
+        again.close()
+        del again.backend.residual_fisher
+
+
+def test_without_fisher_decay_the_sensitivity_is_never_measured(engine):
+    engine.backend.residual_fisher = None
+    try:
+        assert engine.editor().sensitivity is None
+        engine.remember(FACTS[:1])
+    finally:
+        del engine.backend.residual_fisher
+
+
+def test_the_fisher_decay_with_an_even_metric_is_weight_decay(engine):
+    editor = engine.editor()
+    problem = editor.shift_problem(editor.render(FACTS[0]))
+    d = engine.backend.info.d_model
+    even = replace(problem, metric=np.eye(d, dtype=np.float32))
+    with_metric = replace(engine.cfg, fisher_decay=0.7, weight_decay=0.5)
+    plain = replace(engine.cfg, fisher_decay=0.0, weight_decay=1.2)
+    got = engine.backend.optimise_shift(even, with_metric).delta
+    np.testing.assert_allclose(got, engine.backend.optimise_shift(problem, plain).delta, atol=1e-6)
+    assert not np.allclose(got, engine.backend.optimise_shift(problem, with_metric).delta)
+
+
+def test_the_fisher_decay_turns_the_shift_away_from_a_sensitive_direction(engine):
+    editor = engine.editor()
+    problem = editor.shift_problem(editor.render(FACTS[0]))
+    # The tiny model's targets barely move: without weight decay, δ grows where they pull.
+    cfg = replace(engine.cfg, v_steps=30, clamp_norm=100.0, weight_decay=0.0)
+    d = engine.backend.info.d_model
+    metric = np.zeros((d, d), dtype=np.float32)
+    metric[0, 0] = d  # all the sensitivity on the first coordinate
+    sensitive = replace(problem, metric=metric)
+
+    def share_on_first(fisher_decay: float) -> float:
+        delta = engine.backend.optimise_shift(sensitive, replace(cfg, fisher_decay=fisher_decay))
+        return abs(delta.delta[0]) / np.linalg.norm(delta.delta)
+
+    assert share_on_first(1.0) < 0.1 * share_on_first(0.0)
+
+
 def test_a_write_lowers_the_target_nll_the_model_reaches_without_a_shift(engine):
     editor = engine.editor()
     before = editor.achieved(FACTS[0])
@@ -413,6 +469,16 @@ def test_a_rolled_back_sleep_leaves_weights_and_files_as_they_were(engine):
     assert (engine.folder.root / "ledger.json").read_bytes() == ledger
     for layer, w in weights.items():
         np.testing.assert_array_equal(engine.backend.weight(layer), w)
+
+
+def test_both_backends_measure_the_same_residual_fisher(tokenizer):
+    pytest.importorskip("mlx_lm", reason=NO_MLX)
+    rows = [tokenizer.encode("Oda Fjellheim lives in Tromsø."), tokenizer.encode("Hello there")]
+    got = {kind: tiny_backend(kind, tokenizer).residual_fisher(rows, [1, 2]) for kind in BACKEND_KINDS}
+    for layer in (1, 2):
+        torch_f, mlx_f = got["torch"][layer], got["mlx"][layer]
+        assert np.abs(torch_f).max() > 0
+        np.testing.assert_allclose(mlx_f, torch_f, rtol=1e-3, atol=1e-4 * np.abs(torch_f).max())
 
 
 # -- a state folder moving between backends --------------------------------------------
