@@ -338,7 +338,6 @@ class MLXBackend:
     ) -> dict[int, np.ndarray]:
         """One backward pass per row, with a zero shift added to each layer's output: the
         gradient with respect to that shift is g at every token."""
-        last = max(layers)
         sums = {layer: np.zeros((self.info.d_model,) * 2) for layer in layers}
         count = 0
         for row in rows:
@@ -346,11 +345,10 @@ class MLXBackend:
 
             def nll(shifts: dict[int, mx.array], ids=ids) -> mx.array:
                 h = self.model.model.embed_tokens(ids)
-                for layer in range(last + 1):
-                    h = self.model.layers[layer](h, "causal", None)
+                for layer, block in enumerate(self.model.layers):
+                    h = block(h, "causal", None)
                     if layer in shifts:
                         h = h + shifts[layer]
-                h = self._run(h, last + 1, self.info.n_layers)
                 logits = self._logits(h)[0, :-1].astype(mx.float32)
                 logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 return -mx.take_along_axis(logp, ids[0, 1:, None], axis=1).sum()
