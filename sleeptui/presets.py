@@ -200,13 +200,14 @@ PRESETS: dict[str, Preset] = {
                 lam=1e3,
                 v_lr=2.5,
                 v_steps=16,
-                v_loss_stop=0.3,
+                v_loss_stop=0.2,
                 clamp_norm=2.0,
                 cov_tokens=8192,
                 cov_shrink=0.7,
                 hold_name=True,
                 chat_share=0.5,
                 v_bf16=True,
+                fisher_decay=1.0,
             ),
             # bench/consolidate.py: the papers' lr 1e-4 moves nothing on this model in a few
             # epochs; 1e-3 on the MLP of layers 3–10, with the KL anchor, moved 17 of 20 facts
