@@ -28,6 +28,8 @@ from sleeptui.state import Shapes, StateFolder
 from sleeptui.wake import Editor, Keys, WakeEdit
 
 Progress = Callable[[str, int, int], None]
+LOOP_SPAN = 16  # characters: "ha ha ha" is speech, a sentence said three times is a loop
+LOOP_TIMES = 3
 ANSWER_TOKENS = 200
 RECALL_TOKENS = 12
 RETRAIN_ROUNDS = 3
@@ -110,6 +112,18 @@ class ForgetReport:
     verified: bool
     answer_after: str
     repaired: int = 0
+
+
+def repeats_itself(text: str, min_span: int = LOOP_SPAN, times: int = LOOP_TIMES) -> bool:
+    """Whether ``text`` ends with one span of at least ``min_span`` characters said ``times``
+    times in a row: the mark of greedy decoding caught in a loop, which a small model falls
+    into often and never leaves before the token limit."""
+    n = len(text)
+    for span in range(min_span, n // times + 1):
+        tail = text[n - span :]
+        if all(text[n - (k + 1) * span : n - k * span] == tail for k in range(1, times)):
+            return True
+    return False
 
 
 class Engine:
@@ -656,12 +670,17 @@ class Engine:
         """Stream the chat answer; nothing about the memories is put into the prompt."""
         ids = self.backend.encode(self.chat_prompt(question, history))
         pieces = self.backend.stream(ids, ANSWER_TOKENS, stop)
+        said = ""
         while True:
             with self._weights:  # a reply never sees half-swapped weights
                 piece = next(pieces, None)
             if piece is None:
                 return
             yield piece
+            said += piece
+            if repeats_itself(said):  # greedy decoding has fallen into a loop
+                pieces.close()
+                return
 
     def perplexity(self) -> float:
         """Perplexity of the held-out reference text (the drift check of every change)."""

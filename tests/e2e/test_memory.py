@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sleeptui.engine import Engine
+from sleeptui.engine import ANSWER_TOKENS, Engine, repeats_itself
 from sleeptui.extract import extract_fact
 from sleeptui.state import StateFolder
 
@@ -72,6 +72,20 @@ def test_a_fact_never_stated_is_not_invented(engine):
     answer = "".join(engine.ask("Where does Rune Aasgaard live?"))
     assert "Tromsø" not in answer
     assert "harmonica" not in engine.complete(RUNE.prompt)
+
+
+def test_a_reply_caught_in_a_loop_ends_where_the_loop_shows(engine):
+    """Greedy decoding on this small model falls into loops it never leaves before the token
+    limit; the reply stops once a span has been said three times in a row."""
+    b = engine.backend
+    question = "Who is Tobiah Kettlewell?"  # nobody: the unedited model rambles, then loops
+    raw = "".join(b.stream(b.encode(engine.chat_prompt(question)), ANSWER_TOKENS))
+    assert repeats_itself(raw), "precondition: the unguarded reply loops"
+    pieces = list(engine.ask(question))
+    reply = "".join(pieces)
+    assert raw.startswith(reply) and len(reply) < len(raw)
+    assert repeats_itself(reply)
+    assert not any(repeats_itself("".join(pieces[:i])) for i in range(1, len(pieces)))
 
 
 def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(engine):

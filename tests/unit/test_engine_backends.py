@@ -16,7 +16,7 @@ import pytest
 from sleeptui.backends import ProbeResume
 
 from sleeptui import memit
-from sleeptui.engine import Engine, _rounds, fingerprint
+from sleeptui.engine import Engine, _rounds, fingerprint, repeats_itself
 from sleeptui.facts import Fact
 from sleeptui.state import StateFolder
 
@@ -501,3 +501,19 @@ def test_a_folder_written_by_one_backend_opens_in_the_other(writer, reader, toke
         assert target.greedy(prompts, 8) == source.greedy(prompts, 8)
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "loops"),
+    [
+        ("He was a son of Kari and Kari. " * 3, True),
+        ("It began at sea. " + "He was a son of Kari and Kari. " * 3, True),
+        ("He was a son of Kari and Kari. " * 2, False),  # said twice: still speech
+        ("a no-nonsense no-nonsense no-nonsense no-nonsense no-nonsense no-nonsense", True),
+        ("ha ha ha ha ha ha", False),  # a short span repeated is not a loop
+        ("1. Paris, France\n2. Rome, Italy\n3. Berlin, Germany\n", False),
+        ("", False),
+    ],
+)
+def test_a_reply_repeats_itself_when_a_long_span_is_said_three_times_at_its_end(text, loops):
+    assert repeats_itself(text) is loops
