@@ -194,8 +194,9 @@ PRESETS: dict[str, Preset] = {
             # 0.88 against 0.80 at the same drift (README "Edit layers"). A decay on δ along
             # the model's sensitive directions, with v* stopping at a target NLL of 0.2 rather
             # than 0.3: over four sets of 40 facts chat 0.95 against 0.91 and unseen
-            # paraphrases 0.78 against 0.72 at the same drift; at 80, the same or better on
-            # both sets (README "Steering δ away from sensitive directions").
+            # paraphrases 0.78 against 0.72 at the same drift; at 80 on two sets, completion
+            # and unseen paraphrases as good or better, chat within one fact, drift the same
+            # or lower (README "Steering δ away from sensitive directions").
             edit=EditConfig(
                 layers=(4, 5, 6, 7, 8, 9),
                 lam=1e3,
