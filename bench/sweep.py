@@ -4,7 +4,9 @@ Each setting is a JSON object of EditConfig overrides; the weights go back to th
 model between settings. Prints one JSON line per setting: completion and chat recall of the N
 facts, unseen-paraphrase recall, perplexity change, the fraction of 40 unrelated chat answers
 (first 10 tokens) left unchanged (also for the pool's 20 unwritten people and the 20 general
-questions apart), and the median seconds per fact.
+questions apart), how much less likely the unedited model's answers to them became (mean NLL
+change per token of question and answer, in nats: a finer measure than "unchanged", which a
+near-tie flips), and the median seconds per fact.
 
     python bench/sweep.py 20 '{}' '{"lam": 1000}' '{"clamp_norm": 0.75, "lam": 1e4}'
 """
@@ -55,7 +57,7 @@ def main() -> None:
     backend = load_backend(source)
     unrelated = [f.questions[0] for f in pool[200:220]] + list(GENERAL_QUESTIONS)
     settings = [json.loads(text) for text in args.settings]
-    pristine = before = ppl0 = None
+    pristine = before = ppl0 = answers = nll0 = None
     for changes in settings:
         with tempfile.TemporaryDirectory() as state:
             folder = StateFolder.open(state)
@@ -65,6 +67,8 @@ def main() -> None:
                 pristine = {layer: backend.weight(layer) for layer in layers}
                 before = chat_answers(engine, unrelated, tokens=10)
                 ppl0 = engine.perplexity()
+                answers = [engine.chat_prompt(q) + a for q, a in zip(unrelated, before, strict=True)]
+                nll0 = [backend.nll(answers[:20]), backend.nll(answers[20:])]
             engine.cfg = replace(engine.cfg, **changes)
             seconds = []
             for fact in facts:
@@ -82,12 +86,19 @@ def main() -> None:
                 "unchanged": unchanged(before, after),
                 "unchanged_people": unchanged(before[:20], after[:20]),
                 "unchanged_general": unchanged(before[20:], after[20:]),
+                "answer_nll_people": nll_change(backend.nll(answers[:20]), nll0[0]),
+                "answer_nll_general": nll_change(backend.nll(answers[20:]), nll0[1]),
                 "median_s_per_fact": round(statistics.median(seconds), 2),
             }
             print(json.dumps(row), flush=True)
             folder.close()
         for layer, w in pristine.items():
             backend.set_weight(layer, w)
+
+
+def nll_change(after: tuple[float, int], before: tuple[float, int]) -> float:
+    """Mean NLL change per token between two ``Backend.nll`` totals of the same texts."""
+    return round((after[0] - before[0]) / before[1], 4)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ no start recomputes them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from sleeptui import memit
 from sleeptui.backends import Backend
+from sleeptui.renderings import subject_positions
 
 OPENERS = (
     "The",
@@ -89,6 +91,36 @@ REQUESTS = (
     "How far is the moon?",
     "Thanks for your help!",
 )
+# Other people, for the names prior (``names_covariance``): given names and surnames of many
+# languages, paired at random with a fixed seed. None of them occurs in the bench pool
+# (../shared/bench/facts.json), so the benchmarks' unwritten people stand for names a user
+# brings, not for names this prior was built from.
+_GIVEN = """
+Chen Hana Igor Jana Oskar Quentin Rosa Uma Vera Wen Xavier Zoltan Aiko Bilal Carmen Greta Hugo
+Kamala Luca Mira Nils Olga Pablo Rania Samir Tove Ulrich Valentina Wanjiru Yusuf Zeynep Abebe
+Adaeze Anneliese Arjun Bogdan Caoimhe Darius Eitan Esperanza Fatou Gunnar Isolde Jurgen Kalani
+Lorenzo Magnus Marisa Ngozi Orla Pilar Radu Seo-yeon Siddharth Teodor Thandiwe Vikram Wilhelmina
+Ximena Yerlan Cosimo Dagny Eero Folasade
+"""
+_SURNAMES = """
+Castell Dufour Fonseca Gallagher Jensen Kowalczyk Quiroga Schneider Urquhart Weber Xu Zamora
+Andersson Brennan Delgado Engel Greco Ishikawa Jovanovic Kaplan Mendes Ortega Rahman Umarov
+Vasquez Wolff Yamada Zielinski Achterberg Balogun Carvalho Dragomir Esposito Fitzgerald Grünewald
+Hakimi Iglesias Jablonski Kristiansen Lombardi Marchetti Nieminen Oyelaran Pellegrini Rautenberg
+Szabo Uchenna Valdivia Whitfield Yoshida Zubiri Albrecht Bergstrom Castellano Dimitriou Eklund
+"""
+GIVEN_NAMES = tuple(_GIVEN.split())
+SURNAMES = tuple(_SURNAMES.split())
+NAME_PREFIXES = ("", "Note that ", "I heard that ", "By the way, ")
+NAME_QUESTIONS = (
+    "Where does {}",
+    "What does {}",
+    "Who is {}",
+    "Tell me about {}",
+    "Which instrument does {}",
+)
+NAMES_COUNT = 400
+NAMES_SEED = 7
 SEED = 1234
 # The sensitivity's own sample (another seed: not the text Ĉ was measured on).
 SENSITIVITY_SEED = 4321
@@ -122,6 +154,59 @@ def load_or_compute(
     cov = compute(backend, layers, n_tokens, progress)
     _store(path, {f"layer.{k}": memit.to_numpy(v) for k, v in cov.items()})
     return cov
+
+
+def names_path(cache: Path, fingerprint: str, layers: Sequence[int]) -> Path:
+    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-N{NAMES_COUNT}-r{RECIPE}"
+    return cache / "names" / f"{name}.safetensors"
+
+
+def load_or_compute_names(
+    backend: Backend, layers: Sequence[int], cache: Path, fingerprint: str
+) -> dict[int, np.ndarray]:
+    """``names_covariance`` per layer, read from the cache or probed and cached."""
+    path = names_path(cache, fingerprint, layers)
+    if path.exists():
+        stored = load_file(str(path))
+        return {layer: stored[f"layer.{layer}"].astype(np.float64) for layer in layers}
+    moments = names_covariance(backend, layers)
+    _store(path, {f"layer.{k}": v for k, v in moments.items()})
+    # As stored, so that the first start edits exactly as every later one.
+    return {k: v.astype(np.float32).astype(np.float64) for k, v in moments.items()}
+
+
+def other_names(count: int = NAMES_COUNT, seed: int = NAMES_SEED) -> list[str]:
+    """``count`` full names drawn from ``GIVEN_NAMES`` × ``SURNAMES`` with a fixed seed."""
+    rng = random.Random(seed)
+    drawn = {f"{rng.choice(GIVEN_NAMES)} {rng.choice(SURNAMES)}" for _ in range(3 * count)}
+    return sorted(drawn)[:count]
+
+
+def names_covariance(backend: Backend, layers: Sequence[int]) -> dict[int, np.ndarray]:
+    """E[k kᵀ] over keys at the last token of other people's names, each read once after a
+    plain prefix and once in a chat question (the contexts a fact's own keys come from).
+
+    A fact is keyed where the model has read its subject's name; what that key shares with
+    every other name is where an edit would also change answers about people it was never
+    told about. Added to Ĉ (``EditConfig.cov_names``), it makes eq. 3 pay for that reach.
+    """
+    rows, positions = [], []
+    for i, name in enumerate(other_names()):
+        question = NAME_QUESTIONS[i % len(NAME_QUESTIONS)].format(name) + "?"
+        for text in (
+            NAME_PREFIXES[i % len(NAME_PREFIXES)] + name,
+            backend.chat_text([{"role": "user", "content": question}]),
+        ):
+            at = subject_positions(backend, text, name)
+            if at:
+                rows.append(backend.encode(text))
+                positions.append(at)
+    keys, _ = backend.probe(rows, positions, layers, None)
+    out = {}
+    for layer in layers:
+        k = np.asarray(keys[layer], dtype=np.float64)
+        out[layer] = k.T @ k / k.shape[0]
+    return out
 
 
 def sensitivity_path(cache: Path, fingerprint: str, layers: Sequence[int]) -> Path:

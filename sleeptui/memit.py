@@ -19,21 +19,35 @@ import numpy as np
 Array = Any
 
 
-def inverse_covariance(c: Array, shrink: float = 0.0, ridge: float = 1e-6) -> Array:
-    """Ĉ⁻¹ of eq. 2's covariance, shrunk towards a multiple of the identity.
+def inverse_covariance(
+    c: Array,
+    shrink: float = 0.0,
+    ridge: float = 1e-6,
+    names: Array | None = None,
+    names_weight: float = 0.0,
+) -> Array:
+    """Ĉ⁻¹ of eq. 2's covariance, shrunk towards a multiple of the identity, with an
+    optional prior over other people's names added.
 
     ``(1 − shrink)·Ĉ + shrink·(tr Ĉ / d)·I`` keeps the trace, so λ keeps its meaning. Ĉ is
     estimated from a few times d_in samples of the model's own text, which underestimates
     the variance of real text in Ĉ's weak directions; an edit solved against Ĉ alone leans
     into exactly those directions. A tiny ridge (relative to the trace) keeps it well
     conditioned.
+
+    ``names`` is the second moment of keys at the last token of people's names the fact
+    never mentions (``covariance.names_covariance``), added with ``names_weight`` times Ĉ's
+    trace: eq. 3's regulariser then also counts an edit's reach into what the model reads
+    at any other name, so that the update leans on what is particular to its subject.
     """
     lin = _lib(c)
     d = c.shape[0]
     eye = _eye(d, c)
     mean_var = float(lin.trace(c)) / d
-    c = (1.0 - shrink) * c + (shrink + ridge) * mean_var * eye
-    inv_chol = lin.linalg.solve(lin.linalg.cholesky(c), eye)
+    total = (1.0 - shrink) * c + (shrink + ridge) * mean_var * eye
+    if names is not None and names_weight:
+        total = total + names_weight * (mean_var * d / float(lin.trace(names))) * names
+    inv_chol = lin.linalg.solve(lin.linalg.cholesky(total), eye)
     return inv_chol.T @ inv_chol
 
 

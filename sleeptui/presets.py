@@ -28,6 +28,10 @@ class EditConfig:
         constrain_wake: Wake edits hold other memories' keys at zero residual (eq. 5).
         cov_tokens: Token vectors sampled for the covariance C (a few times d_in suffice).
         cov_shrink: Shrinkage of Ĉ towards (tr Ĉ / d)·I before it is inverted (0: none).
+        cov_names: Weight, relative to Ĉ's trace, of the second moment of keys at other
+            people's names added to the regulariser (``covariance.names_covariance``): the
+            edit then moves what the model says about people it was not told about less.
+            0: off (those keys are then never probed).
         lam_hold: The regularisation the held keys of eq. 5 see. Their columns of K are scaled
             by √(λ / lam_hold), so that a λ large enough to keep the new facts' edit small
             does not also loosen the hold on the old ones (equal to λ: the papers' eq. 5).
@@ -78,6 +82,7 @@ class EditConfig:
     chat_share: float | None = None
     cov_tokens: int = 8192
     cov_shrink: float = 0.0
+    cov_names: float = 0.0
     lam_hold: float = 0.1
     hold_name: bool = False
     hold_same_subject: bool = False

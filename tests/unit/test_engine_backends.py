@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from sleeptui.backends import ProbeResume
 
-from sleeptui import memit
+from sleeptui import covariance, memit
 from sleeptui.engine import Engine, _rounds, fingerprint, repeats_itself
 from sleeptui.facts import Fact
+from sleeptui.paths import cache_dir
 from sleeptui.state import StateFolder
 
 from .tiny_llama import SOURCE, byte_tokenizer, tiny_backend
@@ -289,6 +290,41 @@ def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
         shrunk = memit.inverse_covariance(cov[layer], shrink=0.7)
         np.testing.assert_allclose(got, shrunk, rtol=1e-4, atol=1e-6 * np.abs(shrunk).max())
         assert not np.allclose(got, memit.inverse_covariance(cov[layer]), rtol=0.1)
+
+
+def test_the_names_prior_is_probed_once_then_read_from_the_cache(engine, tmp_path):
+    engine.cfg = replace(engine.cfg, cov_shrink=0.7, cov_names=0.3)
+    c_inv = engine.editor().c_inv
+    cov = engine.covariance()
+    names = covariance.load_or_compute_names(
+        engine.backend, engine.cfg.layers, cache_dir(), engine.fingerprint
+    )
+    for layer in engine.cfg.layers:
+        k = names[layer]
+        assert k.shape == cov[layer].shape and np.allclose(k, k.T)
+        expected = memit.inverse_covariance(cov[layer], shrink=0.7, names=k, names_weight=0.3)
+        got = memit.to_numpy(c_inv[layer])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+        assert not np.allclose(got, memit.inverse_covariance(cov[layer], shrink=0.7), rtol=0.1)
+    again = Engine(engine.backend, SOURCE, StateFolder.open(tmp_path / "other"))
+    again.cfg = engine.cfg
+    again.backend.probe = None  # probing the names again would fail here
+    try:
+        again.covariance()  # cached by the first editor
+        cached = covariance.load_or_compute_names(
+            again.backend, again.cfg.layers, cache_dir(), again.fingerprint
+        )
+        for layer in engine.cfg.layers:
+            np.testing.assert_allclose(cached[layer], names[layer], rtol=1e-6)
+    finally:
+        again.close()
+        del again.backend.probe
+
+
+def test_without_the_names_prior_no_names_are_probed(engine):
+    engine.editor()
+    path = covariance.names_path(cache_dir(), engine.fingerprint, engine.cfg.layers)
+    assert not path.exists()
 
 
 def test_the_sensitivity_is_measured_once_then_read_from_the_cache(engine, tmp_path):

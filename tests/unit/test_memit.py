@@ -56,6 +56,27 @@ def test_shrinkage_lowers_an_edits_reach_into_directions_the_sample_underweights
     assert reach(0.5) < 0.8 * reach(0.0)
 
 
+def test_the_names_prior_lowers_an_edits_reach_into_what_other_names_share(rng):
+    """Other names' keys share a direction with the fact's key (what the model reads at any
+    name); with their second moment in the regulariser, the edit relies less on it."""
+    c = _covariance(rng)
+    shared = rng.normal(size=D_IN)
+    key = shared + 0.5 * rng.normal(size=D_IN)
+    others = shared + 0.5 * rng.normal(size=(300, D_IN))
+    names = others.T @ others / len(others)
+
+    def reach(weight):
+        v = memit.inverse_covariance(c, shrink=0.5, names=names, names_weight=weight) @ key
+        return v @ names @ v / (key @ v) ** 2
+
+    np.testing.assert_array_equal(
+        memit.inverse_covariance(c, shrink=0.5, names=names, names_weight=0.0),
+        memit.inverse_covariance(c, shrink=0.5),
+    )
+    assert reach(0.3) < 0.5 * reach(0.0)
+    assert reach(1.0) < reach(0.3)
+
+
 def test_constrained_edit_leaves_protected_keys_unchanged(rng):
     c_inv = memit.inverse_covariance(_covariance(rng))
     new = rng.normal(size=(D_IN, 2))
