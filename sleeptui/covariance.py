@@ -176,10 +176,13 @@ def load_or_compute_names(
 
 
 def other_names(count: int = NAMES_COUNT, seed: int = NAMES_SEED) -> list[str]:
-    """``count`` full names drawn from ``GIVEN_NAMES`` × ``SURNAMES`` with a fixed seed."""
+    """``count`` distinct full names drawn from ``GIVEN_NAMES`` × ``SURNAMES`` with a fixed
+    seed, in the order drawn."""
     rng = random.Random(seed)
-    drawn = {f"{rng.choice(GIVEN_NAMES)} {rng.choice(SURNAMES)}" for _ in range(3 * count)}
-    return sorted(drawn)[:count]
+    names: dict[str, None] = {}
+    while len(names) < count:
+        names[f"{rng.choice(GIVEN_NAMES)} {rng.choice(SURNAMES)}"] = None
+    return list(names)
 
 
 def names_covariance(backend: Backend, layers: Sequence[int]) -> dict[int, np.ndarray]:
