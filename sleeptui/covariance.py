@@ -149,8 +149,7 @@ def load_or_compute(
     backend's ``to_device`` gives them when freshly computed, NumPy when read)."""
     path = covariance_path(cache, fingerprint, layers, n_tokens)
     if path.exists():
-        stored = load_file(str(path))
-        return {layer: stored[f"layer.{layer}"].astype(np.float64) for layer in layers}
+        return _load_layers(path, layers)
     cov = compute(backend, layers, n_tokens, progress)
     _store(path, {f"layer.{k}": memit.to_numpy(v) for k, v in cov.items()})
     return cov
@@ -167,8 +166,7 @@ def load_or_compute_names(
     """``names_covariance`` per layer, read from the cache or probed and cached."""
     path = names_path(cache, fingerprint, layers)
     if path.exists():
-        stored = load_file(str(path))
-        return {layer: stored[f"layer.{layer}"].astype(np.float64) for layer in layers}
+        return _load_layers(path, layers)
     moments = names_covariance(backend, layers)
     _store(path, {f"layer.{k}": v for k, v in moments.items()})
     # As stored, so that the first start edits exactly as every later one.
@@ -263,6 +261,12 @@ def sensitivity(
 def _seeds(backend: Backend) -> tuple[str, ...]:
     chats = tuple(backend.chat_text([{"role": "user", "content": r}]) for r in REQUESTS)
     return OPENERS + chats
+
+
+def _load_layers(path: Path, layers: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per-layer matrices that ``_store`` wrote as ``layer.<l>``, as float64."""
+    stored = load_file(str(path))
+    return {layer: stored[f"layer.{layer}"].astype(np.float64) for layer in layers}
 
 
 def _store(path: Path, tensors: dict[str, np.ndarray]) -> None:
