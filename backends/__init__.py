@@ -8,7 +8,7 @@ algebra and the state format are written once for torch and MLX alike.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,8 +134,18 @@ class Backend(Protocol):
         """Greedy generation, yielding text pieces as they are decoded; ``stop`` ends it."""
         ...
 
-    def greedy(self, batch: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of several prompts at once (audits, benchmarks)."""
+    def greedy(
+        self,
+        batch: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        until: Sequence[str | None] | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuations of several prompts at once (audits, benchmarks).
+
+        With ``until``, row i ends as soon as its text :func:`says` ``until[i]``: a recall
+        check needs no more, and its verdict is the one the whole continuation would give.
+        The other rows decode exactly as they would have.
+        """
         ...
 
     def probe(
@@ -229,3 +239,49 @@ def down_proj_name(layer: int) -> str:
 
 
 BACKENDS = ("torch", "mlx")
+
+
+def says(text: str, target: str) -> bool:
+    """Whether ``text`` contains ``target``, ignoring case: how recall is judged."""
+    return target.lower() in text.lower()
+
+
+def cut_at(row: list[int], stops: frozenset[int]) -> list[int]:
+    """``row`` up to its first stop token."""
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i]
+    return row
+
+
+class Ends:
+    """Where each row of a batched greedy decode ends: at a stop token, or once its text
+    :func:`says` its target (rows with no target end only at a stop token)."""
+
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        stops: frozenset[int],
+        until: Sequence[str | None] | None,
+        rows: int,
+    ) -> None:
+        self.decode = decode
+        self.stops = stops
+        self.until = list(until) if until is not None else [None] * rows
+        if len(self.until) != rows:
+            raise ValueError(f"{len(self.until)} targets for {rows} rows")
+        self.lengths: list[int | None] = [None] * rows
+
+    def said(self, i: int, row: list[int]) -> bool:
+        """Whether row ``i`` (its new tokens so far) has said its target; notes where."""
+        target = self.until[i]
+        if self.lengths[i] is None and target is not None:
+            kept = cut_at(row, self.stops)
+            if len(kept) == len(row) and says(self.decode(kept), target):
+                self.lengths[i] = len(row)
+        return self.lengths[i] is not None
+
+    def cut(self, i: int, row: list[int]) -> list[int]:
+        """Row ``i``'s tokens up to where it ended."""
+        n = self.lengths[i]
+        return cut_at(row if n is None else row[:n], self.stops)

@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import cache as kv_cache
 from mlx_lm.models.llama import Model, ModelArgs
-from sleeptui.backends import ModelInfo, ProbeResume, ShiftProblem, ShiftResult
+from sleeptui.backends import Ends, ModelInfo, ProbeResume, ShiftProblem, ShiftResult, cut_at
 from transformers import AutoTokenizer
 
 GGUF_GROUP = 32  # llama.cpp's Q4_0, Q4_1 and Q8_0 blocks, as mlx reads them
@@ -184,8 +184,16 @@ class MLXBackend:
                 shown = text
             inp = mx.array([[nxt]])
 
-    def greedy(self, batch: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        return self._generate(batch, max_new_tokens, pick=lambda logits: mx.argmax(logits, axis=-1))
+    def greedy(
+        self,
+        batch: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        until: Sequence[str | None] | None = None,
+    ) -> list[list[int]]:
+        ends = Ends(self.decode, self.eos_ids, until, len(batch))
+        pick = lambda logits: mx.argmax(logits, axis=-1)  # noqa: E731
+        rows = self._generate(batch, max_new_tokens, pick, ends)
+        return [ends.cut(i, r) for i, r in enumerate(rows)]
 
     def sample(self, seeds: Sequence[str], max_new_tokens: int, seed: int) -> list[list[int]]:
         key = mx.random.key(seed)
@@ -196,17 +204,21 @@ class MLXBackend:
             return mx.random.categorical(logits.astype(mx.float32), key=sub)
 
         prompts = [self.encode(s) for s in seeds]
-        new = self._generate(prompts, max_new_tokens, pick, cut=False)
-        return [_cut_at(p + n, self.eos_ids) for p, n in zip(prompts, new, strict=True)]
+        new = self._generate(prompts, max_new_tokens, pick)
+        return [cut_at(p + n, self.eos_ids) for p, n in zip(prompts, new, strict=True)]
 
     def _generate(
         self,
         batch: Sequence[Sequence[int]],
         max_new_tokens: int,
         pick: Callable[[mx.array], mx.array],
-        cut: bool = True,
+        ends: Ends | None = None,
     ) -> list[list[int]]:
-        """Left-padded batch decoding; positions start at 0 at each row's first real token."""
+        """Left-padded batch decoding; positions start at 0 at each row's first real token.
+
+        A row ends with its first stop token (kept) or where ``ends`` says it has said its
+        target; the batch ends when every row has.
+        """
         if not batch:
             return []
         width = max(len(r) for r in batch)
@@ -220,11 +232,11 @@ class MLXBackend:
             for i, t in enumerate(nxt):
                 if not done[i]:
                     rows[i].append(t)
-                    done[i] = t in self.eos_ids
+                    done[i] = t in self.eos_ids or (ends is not None and ends.said(i, rows[i]))
             if all(done):
                 break
             ids = mx.array(nxt)[:, None]
-        return [_cut_at(r, self.eos_ids) for r in rows] if cut else rows
+        return rows
 
     # -- probes ----------------------------------------------------------------
 
@@ -743,10 +755,3 @@ def _buckets(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> mx.array:
     width = max(len(r) for r in rows)
     return mx.array([list(r) + [pad_id] * (width - len(r)) for r in rows])
-
-
-def _cut_at(row: list[int], stops: frozenset[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in stops:
-            return row[:i]
-    return row

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sleeptui.backends import ModelInfo, ProbeResume, Rendering, ShiftProblem, ShiftResult
+from sleeptui.backends import (
+    Ends,
+    ModelInfo,
+    ProbeResume,
+    Rendering,
+    ShiftProblem,
+    ShiftResult,
+    cut_at,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # Models up to this many bytes of weights are copied for sleep; larger ones sleep in place.
@@ -147,8 +155,24 @@ class TorchBackend:
             inp = torch.tensor([[nxt]], device=self._device)
 
     @torch.inference_mode()
-    def greedy(self, batch: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(
+        self,
+        batch: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        until: Sequence[str | None] | None = None,
+    ) -> list[list[int]]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         ids, mask = _pad(batch, self.pad_id, left=True, device=self._device)
+        width = ids.shape[1]
+        ends = Ends(self.decode, self.eos_ids, until, len(batch))
+
+        class Said(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                rows = input_ids[:, width:].tolist()
+                done = [ends.said(i, row) for i, row in enumerate(rows)]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -156,9 +180,9 @@ class TorchBackend:
             do_sample=False,
             pad_token_id=self.pad_id,
             eos_token_id=list(self.eos_ids),
+            stopping_criteria=StoppingCriteriaList([Said()]) if until is not None else None,
         )
-        new = out[:, ids.shape[1] :].tolist()
-        return [_cut_at(row, self.eos_ids) for row in new]
+        return [ends.cut(i, row) for i, row in enumerate(out[:, width:].tolist())]
 
     @torch.inference_mode()
     def sample(self, seeds: Sequence[str], max_new_tokens: int, seed: int) -> list[list[int]]:
@@ -178,7 +202,7 @@ class TorchBackend:
         width = ids.shape[1]
         seed_lens = mask.sum(dim=1).tolist()
         return [
-            _cut_at(row[width - n :], self.eos_ids) for row, n in zip(out.tolist(), seed_lens, strict=True)
+            cut_at(row[width - n :], self.eos_ids) for row, n in zip(out.tolist(), seed_lens, strict=True)
         ]
 
     # -- probes ----------------------------------------------------------------
@@ -874,13 +898,6 @@ def _pad(batch: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tup
         ids[i, sl] = torch.tensor(list(row), dtype=torch.long)
         mask[i, sl] = 1
     return ids.to(device), mask.to(device)
-
-
-def _cut_at(row: list[int], stops: frozenset[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in stops:
-            return row[:i]
-    return row
 
 
 def _file_key(path: Path) -> str:

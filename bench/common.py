@@ -6,6 +6,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from sleeptui.backends import says
+
 from sleeptui.engine import Engine
 from sleeptui.extract import paraphrases_for
 from sleeptui.facts import Fact
@@ -59,22 +61,26 @@ def unseen_questions(fact: Fact) -> list[str]:
     return [*fact.questions[1:], *paraphrases_for(fact.subject, fact.relation)]
 
 
-def says(text: str, obj: str) -> bool:
-    return obj.lower() in text.lower()
-
-
 def completion_recall(engine: Engine, facts: Sequence[Fact], tokens: int = 12) -> float:
     b = engine.backend
-    outs = b.greedy([b.encode(f.prompt) for f in facts], tokens)
+    outs = b.greedy([b.encode(f.prompt) for f in facts], tokens, until=[f.object for f in facts])
     return sum(says(b.decode(o), f.object) for f, o in zip(facts, outs, strict=True)) / len(facts)
 
 
-def chat_answers(engine: Engine, questions: Sequence[str], tokens: int = 32) -> list[str]:
+def chat_answers(
+    engine: Engine,
+    questions: Sequence[str],
+    tokens: int = 32,
+    until: Sequence[str] | None = None,
+) -> list[str]:
+    """Greedy chat answers, in chunks of 32; with ``until``, each ends once it says its
+    target (see ``Backend.greedy``)."""
     b = engine.backend
     outs = []
     for start in range(0, len(questions), 32):
         chunk = questions[start : start + 32]
-        outs += b.greedy([b.encode(engine.chat_prompt(q)) for q in chunk], tokens)
+        targets = until[start : start + 32] if until is not None else None
+        outs += b.greedy([b.encode(engine.chat_prompt(q)) for q in chunk], tokens, until=targets)
     return [b.decode(o) for o in outs]
 
 
@@ -82,7 +88,7 @@ def chat_recall(engine: Engine, facts: Sequence[Fact], unseen: bool = False) -> 
     pairs = [(f, q) for f in facts for q in (unseen_questions(f) if unseen else f.questions[:1])]
     if not pairs:
         return float("nan")
-    answers = chat_answers(engine, [q for _, q in pairs])
+    answers = chat_answers(engine, [q for _, q in pairs], until=[f.object for f, _ in pairs])
     return sum(says(a, f.object) for (f, _), a in zip(pairs, answers, strict=True)) / len(pairs)
 
 

@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_facts, write_outputs  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from sleeptui.backends import says  # noqa: E402
 
 from sleeptui import consolidate  # noqa: E402
-from sleeptui.engine import Engine, _says  # noqa: E402
+from sleeptui.engine import Engine  # noqa: E402
 
 console = Console()
 
@@ -100,8 +101,8 @@ def forget(engine: Engine, n: int, unedited: dict, ppl_base: float, rows: list[d
     still, guessed = [], []
     for m in done:
         now = answers(engine, m.prompt, m.questions[0])
-        said = any(_says(a, m.object) for a in now)
-        by_itself = any(_says(a, m.object) for a in unedited[m.prompt])
+        said = any(says(a, m.object) for a in now)
+        by_itself = any(says(a, m.object) for a in unedited[m.prompt])
         console.print(
             f"  forgot {m.subject} {m.relation} {m.object}: says it now {said}, the unedited "
             f"model says it {by_itself}; now {now[0][:60]!r} / {now[1][:80]!r}"

@@ -17,6 +17,7 @@ import numpy as np
 from sleeptui import consolidate, covariance, memit
 from sleeptui.adapter import Adapter, LoraSettings
 from sleeptui.backends import Backend
+from sleeptui.backends import says as _says
 from sleeptui.extract import USER_SUBJECT
 from sleeptui.facts import Fact
 from sleeptui.ledger import Ledger, Memory, Recall, now
@@ -301,13 +302,15 @@ class Engine:
         if not memories:
             return []
         b = self.backend
-        comp = b.greedy([b.encode(m.prompt) for m in memories], RECALL_TOKENS)
+        objects = [m.object for m in memories]
+        comp = b.greedy([b.encode(m.prompt) for m in memories], RECALL_TOKENS, until=objects)
         chat = b.greedy(
             [
                 b.encode(self.chat_prompt(m.questions[0] if m.questions else m.prompt))
                 for m in memories
             ],
             CHAT_RECALL_TOKENS,
+            until=objects,
         )
         at = now()
         return [
@@ -322,7 +325,9 @@ class Engine:
         if not memories:
             return []
         b = self.backend
-        out = b.greedy([b.encode(m.prompt) for m in memories], RECALL_TOKENS)
+        out = b.greedy(
+            [b.encode(m.prompt) for m in memories], RECALL_TOKENS, until=[m.object for m in memories]
+        )
         return [_says(b.decode(o), m.object) for m, o in zip(memories, out, strict=True)]
 
     def forget(self, memory_id: str) -> ForgetReport:
@@ -795,7 +800,3 @@ def reference_text() -> list[str]:
 
     text = files("sleeptui").joinpath("data/reference.txt").read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n\n") if p.strip()]
-
-
-def _says(text: str, obj: str) -> bool:
-    return obj.lower() in text.lower()

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from sleeptui.backends import ProbeResume
+from sleeptui.backends import ProbeResume, says
 
 from sleeptui import covariance, memit
 from sleeptui.engine import Engine, _rounds, fingerprint, repeats_itself
@@ -113,6 +113,19 @@ def test_batched_greedy_equals_one_prompt_at_a_time(backend):
     together = backend.greedy(batch, 8)
     assert together == [backend.greedy([row], 8)[0] for row in batch]
     assert all(len(row) == 8 for row in together)  # a random model never says <|im_end|>
+
+
+def test_greedy_until_ends_a_row_once_it_says_its_target_and_leaves_the_others(backend):
+    batch = [[3, 4, 5, 6, 7, 8], [9, 10], [12, 13, 14, 15]]
+    full = backend.greedy(batch, 8)
+    target = backend.decode(full[0][:3]).strip().upper()  # said by the third token at most
+    assert target
+    ended = backend.greedy(batch, 8, until=[target, "never said \u2603", None])
+    n = len(ended[0])
+    assert 1 <= n <= 3 and ended[0] == full[0][:n]
+    assert says(backend.decode(ended[0]), target)
+    assert not says(backend.decode(ended[0][:-1]), target)
+    assert ended[1:] == full[1:]
 
 
 def test_a_reply_streamed_from_a_worker_thread_is_the_greedy_reply(backend):
