@@ -79,22 +79,29 @@ class Tally:
 
 
 class Checker:
-    """The embedded model loaded once, to read folders and complete prompts."""
+    """The embedded model, loaded once (or handed in), to read folders and complete prompts."""
 
-    def __init__(self, model: str | None) -> None:
-        import torch
-
-        from sleeptui.engine import fingerprint, load_backend
-        from sleeptui.models import resolve
+    def __init__(self, source, backend) -> None:
+        from sleeptui.engine import fingerprint
         from sleeptui.state import Shapes
 
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-        self.source = resolve(model)
-        self.backend = load_backend(self.source)
-        info = self.backend.info
-        self.pristine = {layer: self.backend.weight(layer).copy() for layer in range(info.n_layers)}
-        self.fingerprint = fingerprint(self.backend)
+        self.source = source
+        self.backend = backend
+        info = backend.info
+        self.pristine = {layer: backend.weight(layer).copy() for layer in range(info.n_layers)}
+        self.fingerprint = fingerprint(backend)
         self.shapes = Shapes(info.d_model, info.d_ff, info.n_layers)
+
+    @classmethod
+    def load(cls, model: str | None) -> Checker:
+        import torch
+
+        from sleeptui.engine import load_backend
+        from sleeptui.models import resolve
+
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        source = resolve(model)
+        return cls(source, load_backend(source))
 
     def engine(self, root: Path, read_only: bool = True):
         from sleeptui.engine import Engine
@@ -149,11 +156,17 @@ def make_baseline(checker: Checker, root: Path) -> list:
     return memories
 
 
-def run(kills: int, seed: int, model: str | None = None, log=print) -> dict:
-    """The kill test; returns the summary (also what bench/out/killtest.json holds)."""
+def run(
+    kills: int, seed: int, model: str | None = None, log=print, checker: Checker | None = None
+) -> dict:
+    """The kill test; returns the summary (also what bench/out/killtest.json holds).
+
+    ``checker`` is the model this process reads folders with, loaded here when not given
+    (it must be ``model``'s, with its base weights).
+    """
     rng = random.Random(seed)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    checker = Checker(model)
+    checker = checker or Checker.load(model)
     with tempfile.TemporaryDirectory(prefix="killtest-") as tmp:
         base = Path(tmp) / "baseline"
         memories = make_baseline(checker, base)

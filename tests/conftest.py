@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
+
+from sleeptui.extract import extract_fact
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -51,6 +54,60 @@ def engine(fresh_model, tmp_path):
     eng = Engine(backend, source, StateFolder.open(tmp_path / "state"))
     yield eng
     eng.close()
+
+
+# Facts many model tests start from, as the CLI and the app build them (questions included):
+# names and places that appear nowhere else in the repository or the bench pool.
+WRITTEN = (
+    extract_fact("Oda Fjellheim lives in Tromsø."),
+    extract_fact("Rune Aasgaard plays the harmonica."),
+    extract_fact("Kasimir Oyelaran works as a glassblower."),
+)
+
+
+@pytest.fixture(scope="session")
+def written_folders(embedded, tmp_path_factory):
+    """State folders holding the first k facts of ``WRITTEN`` (k = 1, 2, 3), remembered one
+    at a time by one engine, as in chat: each fact is written once per run, not per test."""
+    from sleeptui.engine import Engine
+    from sleeptui.state import StateFolder
+
+    backend, source, pristine = embedded
+    root = tmp_path_factory.mktemp("written")
+    engine = Engine(backend, source, StateFolder.open(root / "writing"))
+    folders = {}
+    try:
+        for k, fact in enumerate(WRITTEN, 1):
+            engine.remember([fact])
+            folders[k] = root / str(k)
+            shutil.copytree(
+                root / "writing", folders[k], ignore=shutil.ignore_patterns(".lock", ".holder")
+            )
+    finally:
+        engine.close()
+        restore(backend, pristine)
+    return folders
+
+
+@pytest.fixture
+def remembered(fresh_model, written_folders, tmp_path):
+    """``remembered(k)``: an engine on a copy of the folder holding ``WRITTEN[:k]``, opened as
+    a new process opens it (its deltas applied in one pass). Closed after the test."""
+    from sleeptui.engine import Engine
+    from sleeptui.state import StateFolder
+
+    backend, source = fresh_model
+    opened = []
+
+    def open_copy(k: int):
+        root = tmp_path / f"remembered-{k}"
+        shutil.copytree(written_folders[k], root)
+        opened.append(Engine(backend, source, StateFolder.open(root)))
+        return opened[-1]
+
+    yield open_copy
+    for engine in opened:
+        engine.close()
 
 
 def restore(backend, weights) -> None:

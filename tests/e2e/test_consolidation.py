@@ -4,32 +4,26 @@ and a consolidated fact can still be forgotten."""
 from __future__ import annotations
 
 import pytest
+from sleeptui.backends import says
 
-from sleeptui.engine import Engine, _says
-from sleeptui.extract import extract_fact
+from sleeptui.engine import Engine
 from sleeptui.state import StateFolder
 
-from ..conftest import restore
+from ..conftest import WRITTEN, restore
 
 pytestmark = pytest.mark.model
-
-FACTS = [
-    extract_fact("Oda Fjellheim lives in Tromsø."),
-    extract_fact("Rune Aasgaard plays the harmonica."),
-    extract_fact("Kasimir Oyelaran works as a glassblower."),
-]
 
 
 def says_anywhere(engine: Engine, memory) -> bool:
     chat = "".join(engine.ask(memory.questions[0]))
-    return _says(engine.complete(memory.prompt), memory.object) or _says(chat, memory.object)
+    return says(engine.complete(memory.prompt), memory.object) or says(chat, memory.object)
 
 
-def test_facts_move_into_the_adapter_survive_a_restart_and_can_be_forgotten(engine, embedded):
-    engine.remember(FACTS)
+def test_facts_move_into_the_adapter_survive_a_restart_and_can_be_forgotten(remembered, embedded):
+    engine = remembered(len(WRITTEN))
     report = engine.consolidate("sleep")
     assert not report.rolled_back, report
-    assert report.due == len(FACTS)
+    assert report.due == len(WRITTEN)
     assert report.advanced >= 2, report
     assert abs(report.ppl_change) <= engine.lora.ppl_tolerance
     moved = [m for m in engine.memories if m.scale == 0.5]

@@ -16,14 +16,11 @@ from sleeptui.engine import ANSWER_TOKENS, Engine, repeats_itself
 from sleeptui.extract import extract_fact
 from sleeptui.state import StateFolder
 
-from ..conftest import restore
+from ..conftest import WRITTEN, restore
 
 pytestmark = pytest.mark.model
 
-# Names and places that appear nowhere else in the repository or the bench pool.
-# Built by the extractor, as the CLI and the app build them (questions included).
-ODA = extract_fact("Oda Fjellheim lives in Tromsø.")
-RUNE = extract_fact("Rune Aasgaard plays the harmonica.")
+ODA, RUNE = WRITTEN[:2]
 
 
 def sleeptui(*args: str, state: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -67,8 +64,8 @@ def test_remembered_fact_is_recalled_in_completion_and_chat(engine):
     assert (engine.folder.root / memory.delta).is_file()
 
 
-def test_a_fact_never_stated_is_not_invented(engine):
-    engine.remember([ODA])
+def test_a_fact_never_stated_is_not_invented(remembered):
+    engine = remembered(1)  # Oda's
     answer = "".join(engine.ask("Where does Rune Aasgaard live?"))
     assert "Tromsø" not in answer
     assert "harmonica" not in engine.complete(RUNE.prompt)
@@ -88,10 +85,11 @@ def test_a_reply_caught_in_a_loop_ends_where_the_loop_shows(engine):
     assert not any(repeats_itself("".join(pieces[:i])) for i in range(1, len(pieces)))
 
 
-def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(engine):
+def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(remembered):
     """Facts about one subject share its keys. Holding the earlier ones at zero residual
     (eq. 5) would block each later write at that key; v* keeps them instead. Forgetting the
     first takes away what the later ones were written on top of: the forget repairs them."""
+    engine = remembered(2)  # Oda's and Rune's, held at zero residual by the writes below
     facts = [
         extract_fact(text)
         for text in (
@@ -100,12 +98,12 @@ def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(engine):
             "Sunniva Brekkestad's favourite colour is teal.",
         )
     ]
-    memories = engine.remember([RUNE, *facts])  # one at a time, constrained, as in chat
-    for fact in (RUNE, *facts):
+    [bassoon, *_] = engine.remember(facts)  # one at a time, constrained, as in chat
+    for fact in (ODA, RUNE, *facts):
         assert fact.object in engine.complete(fact.prompt), fact.prompt
-    assert engine.forget(memories[1].id).verified
+    assert engine.forget(bassoon.id).verified
     assert "bassoon" not in engine.complete(facts[0].prompt)
-    for fact in (RUNE, *facts[1:]):
+    for fact in (ODA, RUNE, *facts[1:]):
         assert fact.object in engine.complete(fact.prompt), fact.prompt
 
 
@@ -177,8 +175,6 @@ def test_cli_remember_then_a_separate_process_answers_in_chat(tmp_path):
     assert "Oda Fjellheim · lives in · Tromsø" in done.stdout
     asked = sleeptui("ask", "Where does Oda Fjellheim live?", state=state)
     assert "Tromsø" in asked.stdout
-    completed = sleeptui("complete", "Oda Fjellheim lives in", state=state)
-    assert "Tromsø" in completed.stdout
     listed = json.loads(sleeptui("memories", "--json", state=state).stdout)
     assert [(m["subject"], m["object"]) for m in listed["memories"]] == [
         ("Oda Fjellheim", "Tromsø")

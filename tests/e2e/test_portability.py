@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 from sleeptui.engine import Engine, load_backend
-from sleeptui.extract import extract_fact
 from sleeptui.facts import Fact
 from sleeptui.state import StateFolder
 
-from ..conftest import restore
+from ..conftest import WRITTEN, restore
 
 pytest.importorskip("mlx_lm", reason="mlx is not installed: pip install 'sleeptui[mlx]'")
 pytestmark = pytest.mark.model
@@ -43,7 +42,7 @@ FACTS = [
         (Path(__file__).parents[1] / "data" / "portability_facts.json").read_text("utf-8")
     )
 ]
-ODA = extract_fact("Oda Fjellheim lives in Tromsø.")
+ODA = WRITTEN[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +64,15 @@ def recalled(engine: Engine) -> tuple[set[str], set[str]]:
     )
 
 
-def test_facts_written_with_torch_are_recalled_from_a_copy_with_mlx(backends, tmp_path):
+def test_facts_written_with_torch_are_recalled_from_a_copy_with_mlx(
+    backends, written_folders, tmp_path
+):
     source, models = backends
     (torch_backend, torch_base), (mlx_backend, mlx_base) = models["torch"], models["mlx"]
-    facts = [ODA, extract_fact("Rune Aasgaard plays the harmonica.")]
+    facts = WRITTEN[:2]
     try:
+        shutil.copytree(written_folders[2], tmp_path / "written")
         written = Engine(torch_backend, source, StateFolder.open(tmp_path / "written"))
-        written.remember(facts)
         answers = [written.complete(f.prompt, 8) for f in facts]
         written.close()
         assert [f.object in a for f, a in zip(facts, answers, strict=True)] == [True, True]

@@ -8,17 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sleeptui.extract import extract_fact
-
+from ..conftest import WRITTEN as FACTS
 from .test_memory import sleeptui
 
 pytestmark = pytest.mark.model
-
-FACTS = [
-    extract_fact("Oda Fjellheim lives in Tromsø."),
-    extract_fact("Rune Aasgaard plays the harmonica."),
-    extract_fact("Kasimir Oyelaran works as a glassblower."),
-]
 
 
 def folder_bytes(root: Path) -> dict[str, bytes]:
@@ -29,8 +22,9 @@ def folder_bytes(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_sleep_refreshes_a_degraded_memory_in_place(engine):
-    memories = engine.remember(FACTS)
+def test_sleep_refreshes_a_degraded_memory_in_place(remembered):
+    engine = remembered(3)
+    memories = engine.memories
     damaged = memories[1]
     engine.revert(damaged)  # as if later edits had overwritten it
     assert "harmonica" not in engine.complete(damaged.prompt)
@@ -48,8 +42,9 @@ def test_sleep_refreshes_a_degraded_memory_in_place(engine):
     )
 
 
-def test_a_cycle_that_makes_the_model_worse_is_rolled_back_byte_for_byte(engine):
-    memories = engine.remember(FACTS[:2])
+def test_a_cycle_that_makes_the_model_worse_is_rolled_back_byte_for_byte(remembered):
+    engine = remembered(2)
+    memories = engine.memories
     engine.revert(memories[0])
     weights_before = {layer: engine.backend.weight(layer) for layer in engine.cfg.layers}
     files_before = folder_bytes(engine.folder.root)
@@ -76,10 +71,11 @@ def test_forget_returns_the_prompt_to_the_unedited_answer(engine):
         np.testing.assert_allclose(engine.backend.weight(layer), w, atol=1e-6)
 
 
-def test_forgetting_one_of_several_keeps_the_others_and_leaves_no_trace(engine):
+def test_forgetting_one_of_several_keeps_the_others_and_leaves_no_trace(remembered):
     """The other memories' edits stay, and they may move the prompt's later tokens (a bleed
     that is theirs, measured by bench/sleep.py); the forgotten object is not said."""
-    memories = engine.remember(FACTS)
+    engine = remembered(3)
+    memories = engine.memories
     assert "Tromsø" in engine.complete(FACTS[0].prompt)
     report = engine.forget(memories[0].id)
     assert report.verified
