@@ -8,17 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from sleeptui.errors import NotAFact, SleeptuiError
 from sleeptui.facts import Fact
+from sleeptui.ledger import Ledger, Memory, Recall
+from sleeptui.sleep import Pressure
 
 err = Console(stderr=True)
 out = Console()
@@ -125,6 +128,13 @@ def _run(args: argparse.Namespace) -> int:
                     )
             _sleep_if_due(engine)
         return 0
+    if args.command == "memories" and not args.check:
+        _print_memories(_listing(args), args)  # no model needed, nor the folder's lock
+        return 0
+    if args.command == "forget":  # ask which, and whether, before the model loads
+        chosen, code = _choose_forgotten(_listing(args).ledger, args)
+        if not chosen:
+            return code
     with _engine(args) as engine:
         if args.command == "ask":
             for piece in engine.ask(args.question):
@@ -137,13 +147,20 @@ def _run(args: argparse.Namespace) -> int:
                 highlight=False,
             )
         elif args.command == "memories":
-            _print_memories(engine, args)
+            listing = Listing(
+                engine.ledger,
+                engine.pressure(),
+                engine.source.preset.name,
+                engine.backend.name,
+                engine.folder.root,
+            )
+            _print_memories(listing, args, engine.check)
         elif args.command == "sleep":
             _sleep(engine, args)
         elif args.command == "nap":
             _print_consolidations([engine.consolidate("nap", engine.progress)], args.json)
         elif args.command == "forget":
-            return _forget(engine, args)
+            return _forget(engine, chosen, args)
     return 0
 
 
@@ -174,6 +191,7 @@ def _engine(args: argparse.Namespace):
             progress=report,
             four_bit=args.four_bit,
         )
+    shown = _warn(engine.folder.warnings)
     try:
         engine.progress = None
         if args.command in ("remember", "sleep", "nap", "forget"):
@@ -183,7 +201,16 @@ def _engine(args: argparse.Namespace):
         else:
             yield engine
     finally:
+        _warn(engine.folder.warnings[shown:])
         engine.close()
+
+
+def _warn(warnings: Sequence[str]) -> int:
+    """Print what the state folder repaired or could not do (a ledger read from its backup,
+    a delta restored from its copy, …) on stderr; returns how many were printed."""
+    for warning in warnings:
+        err.print(Text.assemble(("warning: ", "bold yellow"), warning))
+    return len(warnings)
 
 
 @contextmanager
@@ -326,12 +353,15 @@ def _print_reports(reports) -> None:
             )
 
 
-def _forget(engine, args: argparse.Namespace) -> int:
+def _choose_forgotten(ledger: Ledger, args: argparse.Namespace) -> tuple[list[Memory], int]:
+    """The memories ``forget`` takes, found (and confirmed on a terminal) before the model
+    loads; with none, the exit code: a dry run (0), a 'no' (1), several about the subject
+    without --all (2)."""
     from sleeptui.errors import UnknownMemory
 
     target = args.target
-    matches = [m for m in engine.memories if m.id == target] or [
-        m for m in engine.memories if m.subject.lower() == target.lower()
+    matches = [m for m in ledger.memories if m.id == target] or [
+        m for m in ledger.memories if m.subject.lower() == target.lower()
     ]
     if not matches:
         raise UnknownMemory(f"No memory has the id or subject {target!r}; see `sleeptui memories`.")
@@ -339,13 +369,13 @@ def _forget(engine, args: argparse.Namespace) -> int:
         err.print(f"{len(matches)} memories are about {target!r}; give one id, or --all:")
         for m in matches:
             err.print(f"  {m.id}  {m.text}")
-        return 2
+        return [], 2
     for m in matches:
         out.print(
             f"{'would forget' if args.dry_run else 'forgetting'} {m.id}: {m.text} ({m.stage})"
         )
     if args.dry_run:
-        return 0
+        return [], 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise SleeptuiError("Not a terminal: pass --yes to forget without confirmation.")
@@ -353,7 +383,16 @@ def _forget(engine, args: argparse.Namespace) -> int:
             f"Forget {len(matches)} memor{'y' if len(matches) == 1 else 'ies'}? [y/N] "
         ).lower() not in ("y", "yes"):
             out.print("nothing forgotten")
-            return 1
+            return [], 1
+    return matches, 0
+
+
+def _forget(engine, matches: list[Memory], args: argparse.Namespace) -> int:
+    from sleeptui.errors import UnknownMemory
+
+    gone = [m.id for m in matches if engine.ledger.get(m.id) is None]
+    if gone:  # another process forgot them while this one loaded the model
+        raise UnknownMemory(f"{', '.join(gone)} no longer in the folder; nothing was forgotten.")
     reports = engine.forget_many([m.id for m in matches])
     if args.json:
         out.print_json(
@@ -380,12 +419,53 @@ def _forget(engine, args: argparse.Namespace) -> int:
     return 0 if all(r.verified for r in reports) else 1
 
 
-def _print_memories(engine, args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class Listing:
+    """What ``sleeptui memories`` shows: a folder's ledger and where it was read.
+
+    Attributes:
+        backend: The loaded backend's name, or None when listed without loading the model.
+    """
+
+    ledger: Ledger
+    pressure: Pressure
+    model: str
+    backend: str | None
+    root: Path
+
+
+def _listing(args: argparse.Namespace) -> Listing:
+    """The folder's memories, read without loading the model and without its lock (another
+    sleeptui may hold it): listing a large model's memories takes no minutes of loading."""
+    from sleeptui.models import resolve
+    from sleeptui.paths import state_dir
+    from sleeptui.sleep import pressure_of
+    from sleeptui.state import StateFolder
+
+    source = resolve(args.model)  # a model that is not on this machine is still an error
+    folder = StateFolder.open(state_dir(args.state_dir), read_only=True)
+    try:
+        ledger = folder.listing(source.preset.name)
+    finally:
+        folder.close()
+        _warn(folder.warnings)
+    return Listing(
+        ledger, pressure_of(ledger, source.preset.sleep), ledger.model, None, folder.root
+    )
+
+
+def _print_memories(
+    listing: Listing,
+    args: argparse.Namespace,
+    check: Callable[[Sequence[Memory]], list[Recall]] | None = None,
+) -> None:
+    """The memories table (or JSON); ``check`` measures recall now (``--check``)."""
     if args.history:
-        _print_history(engine, args.history)
+        _print_history(listing.ledger, args.history)
         return
-    memories = list(engine.memories)
-    recalls = engine.check(memories) if args.check else [m.last_recall for m in memories]
+    memories = list(listing.ledger.memories)
+    recalls = check(memories) if args.check else [m.last_recall for m in memories]
+    p = listing.pressure
     if args.json:
         rows = []
         for m, r in zip(memories, recalls, strict=True):
@@ -395,18 +475,19 @@ def _print_memories(engine, args: argparse.Namespace) -> None:
         out.print_json(
             json.dumps(
                 {
-                    "model": engine.source.preset.name,
-                    "backend": engine.backend.name,
-                    "state_dir": str(engine.folder.root),
-                    "pressure": asdict(engine.pressure()),
+                    "model": listing.model,
+                    "backend": listing.backend,
+                    "state_dir": str(listing.root),
+                    "pressure": asdict(p),
                     "memories": rows,
                 }
             )
         )
         return
-    p = engine.pressure()
     table = Table(
-        title=f"{len(memories)} memories · {engine.source.preset.name} · {engine.backend.name}",
+        title=" · ".join(
+            [f"{len(memories)} memories", listing.model, *filter(None, [listing.backend])]
+        ),
         caption=f"sleep pressure {p.value:.2f} (sleeps at {p.threshold:.2f}) · healthy {p.healthy}"
         f" · degraded {p.degraded} · wake capacity left {p.capacity_left}",
     )
@@ -422,10 +503,10 @@ def _print_memories(engine, args: argparse.Namespace) -> None:
     out.print(table)
 
 
-def _print_history(engine, memory_id: str) -> None:
+def _print_history(ledger: Ledger, memory_id: str) -> None:
     from sleeptui.errors import UnknownMemory
 
-    memory = engine.ledger.get(memory_id)
+    memory = ledger.get(memory_id)
     if memory is None:
         raise UnknownMemory(f"No memory has the id {memory_id!r}; see `sleeptui memories`.")
     table = Table(title=f"{memory.id}: {memory.text}")

@@ -24,6 +24,7 @@ from sleeptui.ledger import Ledger, Memory, Recall, now
 
 if TYPE_CHECKING:
     from sleeptui.engine import Engine
+    from sleeptui.presets import SleepConfig
 
 Progress = Callable[[str, int, int], None]
 # Writes a refresh may take to make its memory complete again (see :func:`refresh`).
@@ -347,17 +348,24 @@ def _failed_refreshes(memory: Memory) -> int:
 
 
 def pressure(engine: Engine) -> Pressure:
-    """Sleep pressure: degraded count blended with edit-count, time and perplexity terms."""
-    cfg = engine.sleep_cfg
-    active = [m for m in engine.memories if m.scale > 0]
+    """The sleep pressure of the engine's memories (see :func:`pressure_of`)."""
+    return pressure_of(engine.ledger, engine.sleep_cfg, engine.last_ppl_drift())
+
+
+def pressure_of(ledger: Ledger, cfg: SleepConfig, drift: float = 0.0) -> Pressure:
+    """Sleep pressure: degraded count blended with edit-count, time and perplexity terms.
+
+    ``drift`` is the relative perplexity change last measured (0 when none was, as in a
+    process that has not measured it).
+    """
+    active = [m for m in ledger.memories if m.scale > 0]
     degraded = sum(m.degraded for m in active)
-    since = engine.ledger.last_sleep_at
+    since = ledger.last_sleep_at
     new = [m for m in active if since is None or m.created_at > since]
     hours = 0.0
     start = since or min((m.created_at for m in active), default=None)
     if start:
         hours = (datetime.now(UTC) - datetime.fromisoformat(start)).total_seconds() / 3600
-    drift = engine.last_ppl_drift()
     terms = (
         cfg.w_degraded * min(1.0, degraded / max(cfg.degraded_full, 0.1 * len(active)))
         + cfg.w_edits * min(1.0, len(new) / cfg.wake_capacity)

@@ -139,6 +139,19 @@ class StateFolder:
         self._committed, self._manifest = ledger, loaded.manifest
         return ledger
 
+    def listing(self, model: str) -> Ledger:
+        """The committed ledger as it stands, read without loading a model: to list memories.
+
+        Nothing is checked against a model's fingerprint and nothing is repaired or finished
+        (a damaged ledger is read from its newest good backup, with a warning). A new
+        folder gives an empty ledger of ``model``.
+
+        Raises:
+            SchemaTooNew: the ledger was written by a newer sleeptui.
+            StateError: neither the ledger nor any backup can be read.
+        """
+        return self._load("", model).ledger
+
     def read_delta(self, memory: Memory, shapes: Shapes) -> Factors:
         """A memory's factors, checked against its checksum, its metadata and the model's shapes.
 

@@ -160,6 +160,8 @@ class SleeptuiApp(App[None]):
             f"Ready: {engine.source.preset.name} with {count} memor{'y' if count == 1 else 'ies'}. "
             "Say a fact to remember it; ask a question to get an answer."
         )
+        for warning in engine.folder.warnings:  # what opening the folder had to repair
+            self.chat.note(warning, "warning")
         self._sleep_if_due()
 
     @on(EngineFailed)

@@ -55,10 +55,13 @@ class FakeEngine:
         capacity: int = 8,
         threshold: float = 0.7,
         degraded: Sequence[int] = (),
+        warnings: Sequence[str] = (),
     ) -> None:
         self.source = SimpleNamespace(preset=SimpleNamespace(name="fake-135m"))
         self.backend = SimpleNamespace(name="fake")
-        self.folder = SimpleNamespace(root=Path("/tmp/sleeptui-fake/state"))
+        self.folder = SimpleNamespace(
+            root=Path("/tmp/sleeptui-fake/state"), warnings=list(warnings)
+        )
         self.reply = reply
         self.token_delay = token_delay
         self.capacity = capacity

@@ -10,7 +10,8 @@ import pytest
 from sleeptui.app import SleeptuiApp, open_engine
 from sleeptui.app.screens import ErrorScreen
 from sleeptui.errors import ModelNotFound, StateLocked
-from tests.app.pilot import wait_until
+from tests.app.fake_engine import FakeEngine
+from tests.app.pilot import fake_app, has_note, ready, wait_until
 
 LOCKED = (
     "The state folder /home/ana/.local/share/sleeptui is in use by another sleeptui (pid 4242). "
@@ -48,6 +49,18 @@ async def test_a_start_up_failure_is_shown_on_an_error_screen(error, title):
         assert app.engine is None
         await pilot.press("q")
     assert app.return_code == 2
+
+
+async def test_what_opening_the_folder_repaired_is_said_in_the_chat():
+    repaired = (
+        "/home/ana/.local/share/sleeptui/ledger.json is not valid JSON. Read the last good "
+        "backup, backups/ledger.3.json, instead; no committed change was lost."
+    )
+    app = fake_app(FakeEngine(warnings=[repaired]))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await wait_until(pilot, lambda: has_note(app, repaired), what="the warning")
+        assert has_note(app, "Ready: fake-135m")
 
 
 HOLD = """

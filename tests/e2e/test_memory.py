@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -179,6 +180,29 @@ def test_cli_remember_then_a_separate_process_answers_in_chat(tmp_path):
     assert [(m["subject"], m["object"]) for m in listed["memories"]] == [
         ("Oda Fjellheim", "Tromsø")
     ]
+
+
+def test_cli_lists_without_the_model_and_says_what_it_read_from_a_backup(
+    written_folders, tmp_path
+):
+    """`memories` reads the folder read-only, without loading the model or taking the lock;
+    a damaged ledger is read from its backup with a warning, and repaired by the next
+    command that opens the folder for writing."""
+    state = tmp_path / "state"
+    shutil.copytree(written_folders[1], state)
+    damaged = '{"schema_version": 1, "memo'
+    (state / "ledger.json").write_text(damaged, encoding="utf-8")
+    with StateFolder.open(state):  # another sleeptui holds the folder: a listing needs no lock
+        listed = sleeptui("memories", "--json", state=state)
+    doc = json.loads(listed.stdout)
+    assert [m["subject"] for m in doc["memories"]] == [ODA.subject]
+    assert doc["backend"] is None  # the model was not loaded
+    assert "warning:" in listed.stderr and "ledger.1.json" in listed.stderr
+    assert (state / "ledger.json").read_text("utf-8") == damaged  # read-only: nothing written
+    completed = sleeptui("complete", ODA.prompt, state=state)
+    assert "Tromsø" in completed.stdout
+    assert "warning:" in completed.stderr and "restored from that backup" in completed.stderr
+    assert json.loads((state / "ledger.json").read_text("utf-8"))["memories"]
 
 
 def test_cli_refuses_a_question_and_changes_nothing(tmp_path):

@@ -271,6 +271,23 @@ def test_damaged_ledger_opened_read_only_reads_the_backup_and_writes_nothing(two
     assert _files(root) == before
 
 
+def test_a_listing_needs_no_model_reads_a_damaged_ledger_s_backup_and_writes_nothing(
+    two_memories, tmp_path
+):
+    root, memories = two_memories
+    with StateFolder.open(root, read_only=True) as folder:  # no fingerprint is given
+        assert [m.id for m in folder.listing("tiny").memories] == [m.id for m in memories]
+    (root / "ledger.json").write_text('{"schema_version": 2, "memor')
+    before = _files(root)
+    with StateFolder.open(root, read_only=True) as folder:
+        assert [m.id for m in folder.listing("tiny").memories] == [m.id for m in memories]
+    assert any("backups/ledger.2.json" in w for w in folder.warnings)
+    assert _files(root) == before
+    with StateFolder.open(tmp_path / "new", read_only=True) as folder:
+        assert folder.listing("tiny") == Ledger(fingerprint="", model="tiny")
+    assert not (tmp_path / "new").exists()
+
+
 def test_missing_ledger_with_backups_is_restored_not_started_afresh(two_memories):
     root, memories = two_memories
     (root / "ledger.json").unlink()
