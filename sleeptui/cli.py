@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,8 +21,10 @@ from rich.text import Text
 
 from sleeptui.errors import NotAFact, SleeptuiError
 from sleeptui.facts import Fact
-from sleeptui.ledger import Ledger, Memory, Recall
-from sleeptui.sleep import Pressure
+
+if TYPE_CHECKING:  # annotations only: `sleeptui path` and the rest start without numpy
+    from sleeptui.ledger import Ledger, Memory, Recall
+    from sleeptui.sleep import Pressure
 
 err = Console(stderr=True)
 out = Console()
