@@ -7,9 +7,11 @@ algebra and the state format are written once for torch and MLX alike.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -239,6 +241,18 @@ def down_proj_name(layer: int) -> str:
 
 
 BACKENDS = ("torch", "mlx")
+
+
+def publish_folder(tmp: Path, folder: Path) -> None:
+    """Move a cache folder written in ``tmp`` to ``folder`` at once. If another process (a
+    second sleeptui starting at the same time) published it first, theirs is kept: it holds
+    the same conversion."""
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def says(text: str, target: str) -> bool:

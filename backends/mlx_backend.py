@@ -19,7 +19,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import cache as kv_cache
 from mlx_lm.models.llama import Model, ModelArgs
-from sleeptui.backends import Ends, ModelInfo, ProbeResume, ShiftProblem, ShiftResult, cut_at
+from sleeptui.backends import (
+    Ends,
+    ModelInfo,
+    ProbeResume,
+    ShiftProblem,
+    ShiftResult,
+    cut_at,
+    publish_folder,
+)
 from transformers import AutoTokenizer
 
 GGUF_GROUP = 32  # llama.cpp's Q4_0, Q4_1 and Q8_0 blocks, as mlx reads them
@@ -712,7 +720,7 @@ def _save_tokenizer(gguf: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tokenizer-"))
     try:
         tok.save_pretrained(tmp)
-        tmp.rename(folder)
+        publish_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

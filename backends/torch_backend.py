@@ -18,6 +18,7 @@ from sleeptui.backends import (
     ShiftProblem,
     ShiftResult,
     cut_at,
+    publish_folder,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -925,7 +926,7 @@ def _convert_gguf(path: Path, folder: Path) -> None:
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        tmp.rename(folder)
+        publish_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
