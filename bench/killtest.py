@@ -114,6 +114,12 @@ class Checker:
         for layer, w in self.pristine.items():
             self.backend.set_weight(layer, w)
 
+    def memories(self, root: Path) -> list:
+        from sleeptui.state import StateFolder
+
+        with StateFolder.open(root, read_only=True) as folder:
+            return list(folder.ledger(self.fingerprint, self.source.preset.name).memories)
+
     def state(self, root: Path, prompts: list[str]) -> State:
         """Read every active delta of ``root`` and complete ``prompts`` with them applied."""
         from sleeptui.state import StateFolder
@@ -157,19 +163,30 @@ def make_baseline(checker: Checker, root: Path) -> list:
 
 
 def run(
-    kills: int, seed: int, model: str | None = None, log=print, checker: Checker | None = None
+    kills: int,
+    seed: int,
+    model: str | None = None,
+    log=print,
+    checker: Checker | None = None,
+    start: Path | None = None,
 ) -> dict:
     """The kill test; returns the summary (also what bench/out/killtest.json holds).
 
     ``checker`` is the model this process reads folders with, loaded here when not given
-    (it must be ``model``'s, with its base weights).
+    (it must be ``model``'s, with its base weights). ``start``: a state folder of that model
+    to copy as the baseline (its first memory is the one forgotten), instead of writing
+    ``BASELINE``'s facts.
     """
     rng = random.Random(seed)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     checker = checker or Checker.load(model)
     with tempfile.TemporaryDirectory(prefix="killtest-") as tmp:
         base = Path(tmp) / "baseline"
-        memories = make_baseline(checker, base)
+        if start is None:
+            memories = make_baseline(checker, base)
+        else:
+            shutil.copytree(start, base, ignore=shutil.ignore_patterns(".lock", ".holder"))
+            memories = checker.memories(base)
         target = memories[0].id
         prompts = [m.prompt for m in memories] + [CONTROL]
         baseline = checker.state(base, prompts)

@@ -114,12 +114,22 @@ def test_a_fact_about_the_user_leaves_other_chat_answers_alone(engine):
     later write that moves those keys) changed every chat answer: "What is the capital of
     France?" was answered in French nonsense."""
     questions = ["What is the capital of France?", "Who wrote Hamlet?"]
-    before = ["".join(engine.ask(q)) for q in questions]
+    before = [opening(engine, q) for q in questions]
     engine.remember([extract_fact("I work as a cartographer."), ODA])
     assert "cartographer" in engine.complete("The user works as a")
     assert "Tromsø" in engine.complete(ODA.prompt)
     for question, answer in zip(questions, before, strict=True):
-        assert "".join(engine.ask(question))[:60] == answer[:60], question
+        assert opening(engine, question) == answer, question
+
+
+def opening(engine: Engine, question: str, chars: int = 60) -> str:
+    """The first ``chars`` characters of the streamed chat answer (the rest is not decoded)."""
+    said = ""
+    for piece in engine.ask(question):
+        said += piece
+        if len(said) >= chars:
+            break
+    return said[:chars]
 
 
 def test_restart_gives_identical_greedy_outputs(engine, embedded):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,9 +89,8 @@ def test_forgetting_one_of_several_keeps_the_others_and_leaves_no_trace(remember
     assert "glassblower" in engine.complete(FACTS[2].prompt)
 
 
-def test_pressure_rises_with_new_edits_until_sleep_is_due(engine):
-    assert engine.pressure().value == 0
-    engine.remember(FACTS[:2])
+def test_pressure_rises_with_new_edits_until_sleep_is_due(remembered):
+    engine = remembered(2)  # FACTS[:2], written since the folder was made: no sleep yet
     p = engine.pressure()
     assert p.total == 2 and p.degraded == 0 and 0 < p.value < p.threshold
     assert p.capacity_left == engine.sleep_cfg.wake_capacity - 2
@@ -109,5 +109,5 @@ def test_cli_forget_by_subject_asks_which_when_several_match(tmp_path):
     dry = sleeptui("forget", "Oda Fjellheim", "--all", "--dry-run", state=state)
     assert dry.stdout.count("would forget") == 2
     gone = sleeptui("forget", "Oda Fjellheim", "--all", "--yes", state=state)
-    assert gone.stdout.count("no longer says it") == 2
-    assert "Tromsø" not in sleeptui("complete", "Oda Fjellheim lives in", state=state).stdout
+    assert gone.stdout.count("no longer says it") == 2  # checked by the model, in that process
+    assert json.loads(sleeptui("memories", "--json", state=state).stdout)["memories"] == []

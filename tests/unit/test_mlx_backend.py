@@ -215,7 +215,7 @@ def test_real_shift_makes_the_target_likely_as_torch_does(fresh_model, real_mlx)
 
     torch_backend, _ = fresh_model
     fact = Fact("Oda Fjellheim", "lives in", "Tromsø")
-    r = render(real_mlx, fact, ("", "Note that "), chat=False, chat_keys=False)
+    r = render(real_mlx, fact, ("",), chat=False, chat_keys=False)  # mlx's CPU BLAS is slow
     problem = ShiftProblem(layer=7, renderings=r.targets, kl_renderings=r.kl)
     cfg = SimpleNamespace(
         v_lr=0.5, v_steps=20, kl_factor=0.0625, weight_decay=0.5, clamp_norm=4.0, v_loss_stop=0.05,
