@@ -115,6 +115,7 @@ class Checker:
             self.backend.set_weight(layer, w)
 
     def memories(self, root: Path) -> list:
+        """The memories of ``root``'s ledger, read without taking its lock."""
         from sleeptui.state import StateFolder
 
         with StateFolder.open(root, read_only=True) as folder:
