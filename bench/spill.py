@@ -7,7 +7,14 @@ edit layers and averaged over each ten memories in ledger (write) order, and how
 memories add up coherently: tr(D Ĉ Dᵀ) for D = Σ ΔW against the sum of the memories' own
 (1.0 = the memories' spill-overs are uncorrelated; above it, they push the same way).
 
-    python bench/spill.py [--state-dir DIR] [--model M]
+With ``--chat``, it also measures where the memories act in chat turns they were never
+about: at every token of the unrelated questions of ``bench/sweep.py`` (the pool's people
+200–219 and the general questions), and of the first 10 tokens of the model's answer, the
+relative change of each edit layer's MLP output, ‖D x‖ / ‖W_base x‖ (D = Σ scale · u @ v),
+by part of the turn, against the same at the written subjects' last token in their own
+chat questions.
+
+    python bench/spill.py [--state-dir DIR] [--model M] [--chat]
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import GENERAL_QUESTIONS, chat_answers, load_facts  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from sleeptui.engine import Engine  # noqa: E402
+from sleeptui.renderings import subject_positions  # noqa: E402
 
 GROUP = 10
 
@@ -32,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--state-dir")
     p.add_argument("--model")
+    p.add_argument("--chat", action="store_true", help="also the relative change in chat turns")
     args = p.parse_args()
     engine = Engine.open(args.model, args.state_dir, read_only=True)
     try:
@@ -74,8 +84,64 @@ def main() -> None:
             chunk = own[start : start + GROUP]
             order.add_row(f"{start + 1}–{start + len(chunk)}", f"{chunk.mean():.3g}")
         console.print(order)
+        if args.chat:
+            console.print(chat_table(engine, memories))
     finally:
         engine.close()
+
+
+PARTS = ("system and user header", "question", "assistant header", "answer (10 tokens)")
+
+
+def chat_table(engine: Engine, memories: list) -> Table:
+    """Mean ‖D x‖ / ‖W_base x‖ per edit layer, by part of unrelated chat turns, and at the
+    written subjects' last token."""
+    b = engine.backend
+    pool = load_facts()
+    questions = [f.questions[0] for f in pool[200:220]] + list(GENERAL_QUESTIONS)
+    answers = chat_answers(engine, questions, 10)
+    rows, positions, parts = [], [], []
+    for question, answer in zip(questions, answers, strict=True):
+        text = engine.chat_prompt(question)
+        at = text.index(question)
+        ids = b.encode(text)
+        head, tail = len(b.encode(text[:at])), len(b.encode(text[at + len(question) :]))
+        full = ids + b.encode(answer)[:10]
+        sizes = (head, len(ids) - head - tail, tail, len(full) - len(ids))
+        rows.append(full)
+        positions.append(list(range(len(full))))
+        parts += [part for part, n in zip(PARTS, sizes, strict=True) for _ in range(n)]
+    own_rows, own_at = [], []
+    for m in memories:
+        text = engine.chat_prompt(m.questions[0]) if m.questions else m.prompt
+        at = subject_positions(b, text, m.subject)
+        if at:
+            own_rows.append(b.encode(text))
+            own_at.append(at[-1:])
+    layers = sorted(engine.cfg.layers)
+    keys, _ = b.probe(rows, positions, layers, None)
+    own_keys, _ = b.probe(own_rows, own_at, layers, None)
+    table = Table("tokens", *(f"layer {layer}" for layer in layers))
+    change: dict[str, list[str]] = {part: [] for part in (*PARTS, "written subjects")}
+    parts_arr = np.array(parts)
+    for layer in layers:
+        w = np.asarray(b.weight(layer), np.float64)
+        d = np.zeros_like(w)
+        for m in memories:
+            f = engine.factors_of(m).get(layer)
+            if f is not None:
+                d += m.scale * np.asarray(f[0], np.float64) @ np.asarray(f[1], np.float64)
+        base = w - d
+        for part, x in [(p, keys[layer][parts_arr == p]) for p in PARTS] + [
+            ("written subjects", own_keys[layer])
+        ]:
+            x = np.asarray(x, np.float64)
+            ratio = np.linalg.norm(x @ d.T, axis=1) / np.linalg.norm(x @ base.T, axis=1)
+            change[part].append(f"{ratio.mean():.3f}")
+    for part, cells in change.items():
+        table.add_row(part, *cells)
+    table.title = "relative change of the MLP output, ‖D x‖ / ‖W_base x‖"
+    return table
 
 
 if __name__ == "__main__":
