@@ -11,7 +11,9 @@ no start recomputes them.
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -155,19 +157,19 @@ def load_or_compute(
     return cov
 
 
-def names_path(cache: Path, fingerprint: str, layers: Sequence[int]) -> Path:
-    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-N{NAMES_COUNT}-r{RECIPE}"
-    return cache / "names" / f"{name}.safetensors"
+def prior_path(cache: Path, fingerprint: str, layers: Sequence[int], kind: str) -> Path:
+    name = f"{fingerprint[:16]}-L{'_'.join(map(str, layers))}-r{RECIPE}"
+    return cache / "priors" / kind / f"{name}.safetensors"
 
 
-def load_or_compute_names(
-    backend: Backend, layers: Sequence[int], cache: Path, fingerprint: str
+def load_or_compute_prior(
+    kind: str, backend: Backend, layers: Sequence[int], cache: Path, fingerprint: str
 ) -> dict[int, np.ndarray]:
-    """``names_covariance`` per layer, read from the cache or probed and cached."""
-    path = names_path(cache, fingerprint, layers)
+    """The prior ``kind`` of ``PRIORS`` per layer, read from the cache or probed and cached."""
+    path = prior_path(cache, fingerprint, layers, kind)
     if path.exists():
         return _load_layers(path, layers)
-    moments = names_covariance(backend, layers)
+    moments = PRIORS[kind](backend, layers)
     _store(path, {f"layer.{k}": v for k, v in moments.items()})
     # As stored, so that the first start edits exactly as every later one.
     return {k: v.astype(np.float32).astype(np.float64) for k, v in moments.items()}
@@ -202,12 +204,46 @@ def names_covariance(backend: Backend, layers: Sequence[int]) -> dict[int, np.nd
             if at:
                 rows.append(backend.encode(text))
                 positions.append(at)
-    keys, _ = backend.probe(rows, positions, layers, None)
-    out = {}
-    for layer in layers:
-        k = np.asarray(keys[layer], dtype=np.float64)
-        out[layer] = k.T @ k / k.shape[0]
-    return out
+    return _second_moments(backend, rows, positions, layers)
+
+
+def chat_covariance(backend: Backend, layers: Sequence[int]) -> dict[int, np.ndarray]:
+    """E[k kᵀ] over every token of the chat prompts Ĉ's chat samples start from (``REQUESTS``
+    in the chat template: system prompt, role headers, the request, the assistant's header).
+
+    Every chat goes through those contexts before the model answers, while in Ĉ they are a
+    small share beside the sampled text. An edit that reaches into them changes the answer
+    to every question, however unrelated; added to Ĉ (``EditConfig.cov_chat``), eq. 3 pays
+    for that reach.
+    """
+    rows = [backend.encode(backend.chat_text([{"role": "user", "content": r}])) for r in REQUESTS]
+    return _second_moments(backend, rows, [list(range(len(r))) for r in rows], layers)
+
+
+def _second_moments(
+    backend: Backend,
+    rows: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    layers: Sequence[int],
+) -> dict[int, np.ndarray]:
+    """E[k kᵀ] per layer over the keys at ``positions`` of ``rows``."""
+    sums: dict[int, np.ndarray] = {}
+    count = 0
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = slice(start, start + CHUNK_ROWS)
+        keys, _ = backend.probe(rows[chunk], positions[chunk], layers, None)
+        for layer in layers:
+            k = np.asarray(keys[layer], dtype=np.float64)
+            sums[layer] = sums.get(layer, 0) + k.T @ k
+        count += sum(len(p) for p in positions[chunk])
+    return {layer: s / count for layer, s in sums.items()}
+
+
+# The priors ``EditConfig.cov_priors`` can add to eq. 3's regulariser, by name.
+PRIORS: dict[str, Callable[[Backend, Sequence[int]], dict[int, np.ndarray]]] = {
+    "names": names_covariance,
+    "chat": chat_covariance,
+}
 
 
 def sensitivity_path(cache: Path, fingerprint: str, layers: Sequence[int]) -> Path:
@@ -272,9 +308,16 @@ def _load_layers(path: Path, layers: Sequence[int]) -> dict[int, np.ndarray]:
 def _store(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """Write ``tensors`` (as float32) to ``path`` at once: a killed start leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    # A temporary name of this process's own: two first starts computing at once each
+    # finish their file, and the last rename leaves the same content.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def compute(

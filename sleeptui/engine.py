@@ -714,17 +714,20 @@ class Engine:
         with ``fisher_decay``, the sensitivity."""
         if self._editor is None:
             cov = self.covariance()
-            names = {}
-            if self.cfg.cov_names:
-                names = covariance.load_or_compute_names(
-                    self.backend, self.cfg.layers, cache_dir(), self.fingerprint
+            priors = [
+                (
+                    covariance.load_or_compute_prior(
+                        kind, self.backend, self.cfg.layers, cache_dir(), self.fingerprint
+                    ),
+                    weight,
                 )
+                for kind, weight in self.cfg.cov_priors.items()
+            ]
             c_inv = {
                 layer: memit.inverse_covariance(
                     self.backend.to_device(c, layer),
                     shrink=self.cfg.cov_shrink,
-                    names=self.backend.to_device(names[layer], layer) if names else None,
-                    names_weight=self.cfg.cov_names,
+                    priors=[(self.backend.to_device(p[layer], layer), w) for p, w in priors],
                 )
                 for layer, c in cov.items()
             }

@@ -10,6 +10,7 @@ that holds the layer, where the d_in × d_in products of a large model belong.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,10 @@ def inverse_covariance(
     c: Array,
     shrink: float = 0.0,
     ridge: float = 1e-6,
-    names: Array | None = None,
-    names_weight: float = 0.0,
+    priors: Sequence[tuple[Array, float]] = (),
 ) -> Array:
-    """Ĉ⁻¹ of eq. 2's covariance, shrunk towards a multiple of the identity, with an
-    optional prior over other people's names added.
+    """Ĉ⁻¹ of eq. 2's covariance, shrunk towards a multiple of the identity, with optional
+    priors added.
 
     ``(1 − shrink)·Ĉ + shrink·(tr Ĉ / d)·I`` keeps the trace, so λ keeps its meaning. Ĉ is
     estimated from a few times d_in samples of the model's own text, which underestimates
@@ -35,18 +35,19 @@ def inverse_covariance(
     into exactly those directions. A tiny ridge (relative to the trace) keeps it well
     conditioned.
 
-    ``names`` is the second moment of keys at the last token of people's names the fact
-    never mentions (``covariance.names_covariance``), added with ``names_weight`` times Ĉ's
-    trace: eq. 3's regulariser then also counts an edit's reach into what the model reads
-    at any other name, so that the update leans on what is particular to its subject.
+    Each prior ``(P, w)`` is the second moment of keys in contexts an edit should leave alone
+    (``covariance.PRIORS``: other people's names, the chat prompt), added scaled to ``w``
+    times Ĉ's trace: eq. 3's regulariser then also counts an edit's reach into them, so the
+    update leans on what is particular to its own keys.
     """
     lin = _lib(c)
     d = c.shape[0]
     eye = _eye(d, c)
     mean_var = float(lin.trace(c)) / d
     total = (1.0 - shrink) * c + (shrink + ridge) * mean_var * eye
-    if names is not None and names_weight:
-        total = total + names_weight * (mean_var * d / float(lin.trace(names))) * names
+    for prior, weight in priors:
+        if weight:
+            total = total + weight * (mean_var * d / float(lin.trace(prior))) * prior
     inv_chol = lin.linalg.solve(lin.linalg.cholesky(total), eye)
     return inv_chol.T @ inv_chol
 

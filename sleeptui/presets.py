@@ -32,6 +32,10 @@ class EditConfig:
             people's names added to the regulariser (``covariance.names_covariance``): the
             edit then moves what the model says about people it was not told about less.
             0: off (those keys are then never probed).
+        cov_chat: Weight, relative to Ĉ's trace, of the second moment of keys at every token
+            of chat prompts (``covariance.chat_covariance``: the template and the request
+            that every answer is read after) added to the regulariser: the edit then changes
+            the answers to unrelated questions less. 0: off.
         lam_hold: The regularisation the held keys of eq. 5 see. Their columns of K are scaled
             by √(λ / lam_hold), so that a λ large enough to keep the new facts' edit small
             does not also loosen the hold on the old ones (equal to λ: the papers' eq. 5).
@@ -83,6 +87,7 @@ class EditConfig:
     cov_tokens: int = 8192
     cov_shrink: float = 0.0
     cov_names: float = 0.0
+    cov_chat: float = 0.0
     lam_hold: float = 0.1
     hold_name: bool = False
     hold_same_subject: bool = False
@@ -91,6 +96,12 @@ class EditConfig:
     retry_nll: float = 0.6
     v_bf16: bool = False
     fisher_decay: float = 0.0
+
+    @property
+    def cov_priors(self) -> dict[str, float]:
+        """The priors of ``covariance.PRIORS`` added to eq. 3's regulariser, by weight."""
+        weights = {"names": self.cov_names, "chat": self.cov_chat}
+        return {kind: w for kind, w in weights.items() if w}
 
     @property
     def v_layer(self) -> int:

@@ -305,39 +305,41 @@ def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
         assert not np.allclose(got, memit.inverse_covariance(cov[layer]), rtol=0.1)
 
 
-def test_the_names_prior_is_probed_once_then_read_from_the_cache(engine, tmp_path):
-    engine.cfg = replace(engine.cfg, cov_shrink=0.7, cov_names=0.3)
+@pytest.mark.parametrize("kind", ["names", "chat"])
+def test_a_prior_is_probed_once_then_read_from_the_cache(engine, tmp_path, kind):
+    engine.cfg = replace(engine.cfg, cov_shrink=0.7, **{f"cov_{kind}": 0.3})
     c_inv = engine.editor().c_inv
     cov = engine.covariance()
-    names = covariance.load_or_compute_names(
-        engine.backend, engine.cfg.layers, cache_dir(), engine.fingerprint
+    prior = covariance.load_or_compute_prior(
+        kind, engine.backend, engine.cfg.layers, cache_dir(), engine.fingerprint
     )
     for layer in engine.cfg.layers:
-        k = names[layer]
+        k = prior[layer]
         assert k.shape == cov[layer].shape and np.allclose(k, k.T)
-        expected = memit.inverse_covariance(cov[layer], shrink=0.7, names=k, names_weight=0.3)
+        expected = memit.inverse_covariance(cov[layer], shrink=0.7, priors=[(k, 0.3)])
         got = memit.to_numpy(c_inv[layer])
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
         assert not np.allclose(got, memit.inverse_covariance(cov[layer], shrink=0.7), rtol=0.1)
     again = Engine(engine.backend, SOURCE, StateFolder.open(tmp_path / "other"))
     again.cfg = engine.cfg
-    again.backend.probe = None  # probing the names again would fail here
+    again.backend.probe = None  # probing again would fail here
     try:
         again.covariance()  # cached by the first editor
-        cached = covariance.load_or_compute_names(
-            again.backend, again.cfg.layers, cache_dir(), again.fingerprint
+        cached = covariance.load_or_compute_prior(
+            kind, again.backend, again.cfg.layers, cache_dir(), again.fingerprint
         )
         for layer in engine.cfg.layers:
-            np.testing.assert_allclose(cached[layer], names[layer], rtol=1e-6)
+            np.testing.assert_allclose(cached[layer], prior[layer], rtol=1e-6)
     finally:
         again.close()
         del again.backend.probe
 
 
-def test_without_the_names_prior_no_names_are_probed(engine):
+def test_without_priors_none_is_probed(engine):
     engine.editor()
-    path = covariance.names_path(cache_dir(), engine.fingerprint, engine.cfg.layers)
-    assert not path.exists()
+    for kind in covariance.PRIORS:
+        path = covariance.prior_path(cache_dir(), engine.fingerprint, engine.cfg.layers, kind)
+        assert not path.exists()
 
 
 def test_the_sensitivity_is_measured_once_then_read_from_the_cache(engine, tmp_path):

@@ -66,11 +66,11 @@ def test_the_names_prior_lowers_an_edits_reach_into_what_other_names_share(rng):
     names = others.T @ others / len(others)
 
     def reach(weight):
-        v = memit.inverse_covariance(c, shrink=0.5, names=names, names_weight=weight) @ key
+        v = memit.inverse_covariance(c, shrink=0.5, priors=[(names, weight)]) @ key
         return v @ names @ v / (key @ v) ** 2
 
     np.testing.assert_array_equal(
-        memit.inverse_covariance(c, shrink=0.5, names=names, names_weight=0.0),
+        memit.inverse_covariance(c, shrink=0.5, priors=[(names, 0.0)]),
         memit.inverse_covariance(c, shrink=0.5),
     )
     assert reach(0.3) < 0.5 * reach(0.0)
