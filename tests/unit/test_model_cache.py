@@ -1,13 +1,20 @@
 """The converted-model caches (the GGUF dequantised for torch, its tokenizer for MLX) are
 published as whole folders: a second sleeptui that starts while the first is converting
-finds one complete folder, whoever finishes first."""
+finds one complete folder, whoever finishes first. The statistics cached beside them (Ĉ, M,
+the priors) are single files, written the same way by each start."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 from sleeptui.backends import publish_folder
+
+from sleeptui.covariance import _store
 
 
 def converted(root: Path, name: str, text: str) -> Path:
@@ -34,3 +41,32 @@ def test_a_failure_that_is_not_a_finished_folder_is_raised(tmp_path):
     with pytest.raises(OSError):
         publish_folder(tmp, tmp_path / "no such parent" / "abc")
     assert tmp.is_dir()  # the caller clears it away, as the conversions do
+
+
+STORE_MANY = """
+import sys
+import numpy as np
+from pathlib import Path
+from sleeptui.covariance import _store
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    _store(Path(sys.argv[1]), {"layer.4": np.eye(16)})
+"""
+
+
+def test_two_first_starts_caching_the_same_statistics_at_once_both_finish(tmp_path):
+    """Ĉ, M and the priors are cached by whichever start computes them first; two starts at
+    once (the app and a CLI command on a fresh machine) write the same file together."""
+    path = tmp_path / "covariance" / "m.safetensors"
+    rounds = 300
+    other = subprocess.Popen(
+        [sys.executable, "-c", STORE_MANY, str(path), str(rounds)], stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout.readline() == b"ready\n"
+        for _ in range(rounds):
+            _store(path, {"layer.4": np.eye(16)})
+    finally:
+        assert other.wait(timeout=120) == 0
+    np.testing.assert_array_equal(load_file(str(path))["layer.4"], np.eye(16, dtype=np.float32))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
