@@ -378,10 +378,11 @@ class Engine:
                     self._factors.pop(memory_id, None)
                     self._keys.pop(memory_id, None)
             after = self.check(others)
+            carriers = self._carriers(others, memories)
             broken = [
                 m
                 for m, b, a in zip(others, before, after, strict=True)
-                if (b.completion and not a.completion) or (b.chat and not a.chat)
+                if (b.completion and not a.completion) or (b.chat and not a.chat) or m in carriers
             ]
             repaired = 0
             if broken:
@@ -398,6 +399,25 @@ class Engine:
                     )
                 )
             return reports
+
+    def _carriers(self, others: Sequence[Memory], forgotten: Sequence[Memory]) -> list[Memory]:
+        """The memories of ``others`` whose deltas hold answers of ``forgotten``.
+
+        A write about a subject the model already holds facts about keeps their answers in
+        its v* (:meth:`Editor.shift_problem`), so its delta says them too: reverting the
+        forgotten memory alone can leave its object said. Those are the memories in force
+        about a forgotten memory's subject whose delta was last written while it was there
+        (timestamps are to the second: a write in the same second counts).
+        """
+        return [
+            m
+            for m in others
+            if m.scale > 0
+            and any(
+                self.kept_together(m.fact, [f.fact]) and m.written_at >= f.created_at
+                for f in forgotten
+            )
+        ]
 
     def _retrain_adapter(self, ledger: Ledger, forgotten: Sequence[Memory] = ()) -> Ledger:
         """Train the adapter afresh on the facts it held that ``ledger`` still has; the old

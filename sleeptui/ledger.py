@@ -91,6 +91,12 @@ class Memory:
     def text(self) -> str:
         return f"{self.prompt} {self.object}"
 
+    @property
+    def written_at(self) -> str:
+        """When its delta was last solved: its creation, or the latest refresh."""
+        writes = [e.at for e in self.events if e.kind in ("remembered", "refreshed")]
+        return max([self.created_at, *writes])
+
     def with_event(self, kind: str, **detail: Any) -> Memory:
         return replace(self, events=(*self.events, Event(now(), kind, detail)))
 

@@ -89,7 +89,8 @@ def test_a_reply_caught_in_a_loop_ends_where_the_loop_shows(engine):
 def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(remembered):
     """Facts about one subject share its keys. Holding the earlier ones at zero residual
     (eq. 5) would block each later write at that key; v* keeps them instead. Forgetting the
-    first takes away what the later ones were written on top of: the forget repairs them."""
+    first takes away what the later ones were written on top of, and leaves its answer in
+    their deltas (their v* kept it): the forget rewrites them."""
     engine = remembered(2)  # Oda's and Rune's, held at zero residual by the writes below
     facts = [
         extract_fact(text)
@@ -102,7 +103,9 @@ def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(remembered
     [bassoon, *_] = engine.remember(facts)  # one at a time, constrained, as in chat
     for fact in (ODA, RUNE, *facts):
         assert fact.object in engine.complete(fact.prompt), fact.prompt
-    assert engine.forget(bassoon.id).verified
+    report = engine.forget(bassoon.id)
+    assert report.verified, report.answer_after
+    assert report.repaired >= 2  # Dunedin's and teal's, written while bassoon was there
     assert "bassoon" not in engine.complete(facts[0].prompt)
     for fact in (ODA, RUNE, *facts[1:]):
         assert fact.object in engine.complete(fact.prompt), fact.prompt

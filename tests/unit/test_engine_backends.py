@@ -466,6 +466,35 @@ def test_the_repair_after_a_forget_rewrites_in_place_and_keeps_files_and_weights
     assert_weights_are_base_plus_stored_factors(engine, base)
 
 
+def test_a_forget_rewrites_the_memories_about_its_subject_written_while_it_was_there(
+    engine, monkeypatch
+):
+    """Later writes about a subject keep its earlier facts' answers in their v*, so their
+    deltas say the forgotten object too: the forget rewrites exactly those memories, not
+    the ones about its subject written before it nor the ones about others."""
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(
+        "sleeptui.ledger.now", lambda: f"2026-01-01T00:00:{next(ticks):04d}+00:00"
+    )
+    base = base_weights(engine.backend)
+    oda = "Oda Fjellheim"
+    earlier, rune, gone, later = engine.remember(
+        [
+            FACTS[0],
+            FACTS[1],
+            Fact(oda, "plays the", "bassoon"),
+            Fact(oda, "works as a", "glassblower"),
+        ]
+    )
+    assert engine._carriers([earlier, rune, later], [gone]) == [later]
+    engine.forget(gone.id)
+    repaired = {
+        m.id for m in engine.memories if m.events[-1].detail == {"reason": "repair after forget"}
+    }
+    assert later.id in repaired
+    assert_weights_are_base_plus_stored_factors(engine, base)
+
+
 def test_a_committed_sleep_refreshes_the_degraded_and_keeps_files_and_weights_agreed(engine):
     base = base_weights(engine.backend)
     engine.remember(FACTS)
