@@ -341,7 +341,8 @@ class Engine:
         adapter was trained on any of them, it is retrained from the ledger without them (its
         other facts held alone, as in a consolidation) and replaces the old one in the same
         commit. The remaining memories are audited again afterwards; any that the removal
-        broke (by completion or in chat) are rewritten under constraints. Each report says
+        broke (by completion or in chat), and any whose delta holds a forgotten memory's
+        answers (:meth:`_carriers`), are rewritten under constraints. Each report says
         whether the model still says that memory's object.
         """
         from sleeptui.errors import UnknownMemory
