@@ -169,7 +169,9 @@ class TorchBackend:
         ends = Ends(self.decode, self.eos_ids, until, len(batch))
 
         class Said(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            def __call__(
+                self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs
+            ) -> torch.Tensor:
                 rows = input_ids[:, width:].tolist()
                 done = [ends.said(i, row) for i, row in enumerate(rows)]
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
@@ -189,7 +191,9 @@ class TorchBackend:
     def sample(self, seeds: Sequence[str], max_new_tokens: int, seed: int) -> list[list[int]]:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        ids, mask = _pad([self.encode(s) for s in seeds], self.pad_id, left=True, device=self._device)
+        ids, mask = _pad(
+            [self.encode(s) for s in seeds], self.pad_id, left=True, device=self._device
+        )
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -203,7 +207,8 @@ class TorchBackend:
         width = ids.shape[1]
         seed_lens = mask.sum(dim=1).tolist()
         return [
-            cut_at(row[width - n :], self.eos_ids) for row, n in zip(out.tolist(), seed_lens, strict=True)
+            cut_at(row[width - n :], self.eos_ids)
+            for row, n in zip(out.tolist(), seed_lens, strict=True)
         ]
 
     # -- probes ----------------------------------------------------------------
@@ -232,10 +237,15 @@ class TorchBackend:
             at = torch.tensor(pack.at, device=self._device)
             hooks = []
             for layer in key_layers:
+
                 def grab(_mod, args, layer=layer, at=at):
                     keys[layer].append(args[0][0, at].float())
+
                 hooks.append(self._down_proj(layer).register_forward_pre_hook(grab))
-            idx = (torch.tensor(pack.seq, device=self._device), torch.tensor(pack.pos, device=self._device))
+            idx = (
+                torch.tensor(pack.seq, device=self._device),
+                torch.tensor(pack.pos, device=self._device),
+            )
             if start == 0:
                 h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
             else:
@@ -245,9 +255,13 @@ class TorchBackend:
                 if hidden_layer is None:
                     h = _decoder(inner, inner.layers[start : top + 1], h, idx, idx, inputs=inputs)
                 else:
-                    h = _decoder(inner, inner.layers[start : hidden_layer + 1], h, idx, idx, inputs=inputs)
+                    h = _decoder(
+                        inner, inner.layers[start : hidden_layer + 1], h, idx, idx, inputs=inputs
+                    )
                     hidden.append(h[0, at].float())
-                    h = _decoder(inner, inner.layers[hidden_layer + 1 : top + 1], h, idx, idx, inputs=inputs)
+                    h = _decoder(
+                        inner, inner.layers[hidden_layer + 1 : top + 1], h, idx, idx, inputs=inputs
+                    )
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -425,7 +439,9 @@ class TorchBackend:
         bs = settings.batch_size
         anchors = [anchor[i : i + bs] for i in range(0, len(anchor), bs)]
         with torch.inference_mode():
-            before = [self._target_logits(batch).log_softmax(-1).to(torch.bfloat16) for batch in anchors]
+            before = [
+                self._target_logits(batch).log_softmax(-1).to(torch.bfloat16) for batch in anchors
+            ]
 
         config = LoraConfig(
             r=settings.r,
@@ -890,7 +906,9 @@ def _eos_ids(tokenizer, cfg) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _pad(batch: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    batch: Sequence[Sequence[int]], pad_id: int, left: bool, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -905,7 +923,9 @@ def _file_key(path: Path) -> str:
     import hashlib
 
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
 
 
 def _convert_gguf(path: Path, folder: Path) -> None:
@@ -914,7 +934,9 @@ def _convert_gguf(path: Path, folder: Path) -> None:
     import tempfile
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

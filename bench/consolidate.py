@@ -169,6 +169,7 @@ def main() -> None:
             f"{row['seconds']:.1f}",
         )
     console.print(table)
+
     def plot(ax) -> None:
         steps = [row["step"] for row in rows]
         bottom = [0] * len(rows)

@@ -43,11 +43,24 @@ from sleeptui.state import StateFolder  # noqa: E402
 
 SHAPES = {
     # Llama-3.1-8B: the preset's layers and hyperparameters apply unchanged.
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               rope_theta=500000.0, max_position_embeddings=8192),
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=24,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+    ),
 }
 GEN_TOKENS = 128
 GEN_RUNS = 3
@@ -202,8 +215,9 @@ def _save_random_llama(shape: dict, tokenizer: Path, folder: Path) -> None:
 
 
 def print_table(results: dict) -> None:
-    table = Table(title=f"sleeptui on {results['device']}: random Llama, edit layers "
-                        f"{results['edit_layers']}")
+    table = Table(
+        title=f"sleeptui on {results['device']}: random Llama, edit layers {results['edit_layers']}"
+    )
     table.add_column("figure")
     modes = [m for m in ("bf16", "nf4") if isinstance(results.get(m), dict)]
     for m in modes:
@@ -213,7 +227,9 @@ def print_table(results: dict) -> None:
         row = [_fmt(results[m].get(k)) for m in modes]
         table.add_row(k, *row)
     if "sleep" in results["bf16"]:
-        table.add_row("sleep (degraded, rolled back)", str(tuple(results["bf16"]["sleep"].values())))
+        table.add_row(
+            "sleep (degraded, rolled back)", str(tuple(results["bf16"]["sleep"].values()))
+        )
     console.print(table)
 
 

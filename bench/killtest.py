@@ -148,7 +148,14 @@ def sleeptui(root: Path, op: str, target: str, model: str | None) -> list[str]:
     args = [sys.executable, "-m", "sleeptui", "--state-dir", str(root)]
     if model:
         args += ["--model", model]
-    return args + {"remember": ["remember", NEW_FACT], "sleep": ["sleep"], "forget": ["forget", target, "--yes"]}[op]
+    return (
+        args
+        + {
+            "remember": ["remember", NEW_FACT],
+            "sleep": ["sleep"],
+            "forget": ["forget", target, "--yes"],
+        }[op]
+    )
 
 
 def make_baseline(checker: Checker, root: Path) -> list:
@@ -197,10 +204,14 @@ def run(
             folder = Path(tmp) / f"reference-{op}"
             shutil.copytree(base, folder)
             started = time.perf_counter()
-            done = subprocess.run(sleeptui(folder, op, target, model), env=env, capture_output=True, text=True)
+            done = subprocess.run(
+                sleeptui(folder, op, target, model), env=env, capture_output=True, text=True
+            )
             durations[op] = time.perf_counter() - started
             if done.returncode not in (0, 1):  # forget exits 1 when the model still says it
-                raise SystemExit(f"{op} failed uninterrupted ({done.returncode}):\n{done.stderr[-2000:]}")
+                raise SystemExit(
+                    f"{op} failed uninterrupted ({done.returncode}):\n{done.stderr[-2000:]}"
+                )
             references[op] = checker.state(folder, prompts)
             log(f"{op}: {durations[op]:.1f} s uninterrupted")
         tallies = {op: Tally() for op in OPERATIONS}
@@ -209,13 +220,19 @@ def run(
             delay = rng.uniform(0, durations[op])
             folder = Path(tmp) / f"kill-{n}"
             shutil.copytree(base, folder)
-            proc = subprocess.Popen(sleeptui(folder, op, target, model), env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                sleeptui(folder, op, target, model),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(delay)
             exited_first = proc.poll() is not None
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            outcome = check(checker, folder, prompts, baseline, references[op], op, target, tallies[op])
+            outcome = check(
+                checker, folder, prompts, baseline, references[op], op, target, tallies[op]
+            )
             if exited_first:
                 tallies[op].landed["exited before the kill"] += 1
             log(f"kill {n + 1}/{kills}: {op} after {delay:.2f} s: {outcome}")
@@ -234,8 +251,16 @@ def run(
     }
 
 
-def check(checker: Checker, folder: Path, prompts: list[str], baseline: State, reference: State,
-          op: str, target: str, tally: Tally) -> str:
+def check(
+    checker: Checker,
+    folder: Path,
+    prompts: list[str],
+    baseline: State,
+    reference: State,
+    op: str,
+    target: str,
+    tally: Tally,
+) -> str:
     from sleeptui.errors import SleeptuiError
     from sleeptui.state import StateFolder
 
@@ -283,8 +308,10 @@ def check(checker: Checker, folder: Path, prompts: list[str], baseline: State, r
 
 def summary_line(result: dict) -> str:
     s = result["summary"]
-    return (f"kills: {s['kills']}, folders that failed to open: {s['failed_open']}, committed memories "
-            f"lost: {s['lost']}, recall changed: {s['recall_changed']}")
+    return (
+        f"kills: {s['kills']}, folders that failed to open: {s['failed_open']}, committed memories "
+        f"lost: {s['lost']}, recall changed: {s['recall_changed']}"
+    )
 
 
 def print_table(result: dict) -> None:
@@ -292,23 +319,45 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"kill test (seed {result['seed']})")
-    for col in ("operation", "typical s", "kills", "weights as before", "as after", "exited first",
-                "journal finished", "journal discarded", "unverified", "failed to open", "lost",
-                "recall changed"):
+    for col in (
+        "operation",
+        "typical s",
+        "kills",
+        "weights as before",
+        "as after",
+        "exited first",
+        "journal finished",
+        "journal discarded",
+        "unverified",
+        "failed to open",
+        "lost",
+        "recall changed",
+    ):
         table.add_column(col, justify="right")
     for op, t in result["operations"].items():
         landed = t["landed"]
-        table.add_row(op, f"{result['durations_s'][op]:.1f}", str(t["kills"]),
-                      str(landed.get("weights as before", 0)), str(landed.get("weights as after", 0)),
-                      str(landed.get("exited before the kill", 0)), str(landed.get("journal finished", 0)),
-                      str(landed.get("journal discarded", 0)), str(t["unverified"]),
-                      str(t["failed_open"]), str(t["lost"]), str(t["recall_changed"]))
+        table.add_row(
+            op,
+            f"{result['durations_s'][op]:.1f}",
+            str(t["kills"]),
+            str(landed.get("weights as before", 0)),
+            str(landed.get("weights as after", 0)),
+            str(landed.get("exited before the kill", 0)),
+            str(landed.get("journal finished", 0)),
+            str(landed.get("journal discarded", 0)),
+            str(t["unverified"]),
+            str(t["failed_open"]),
+            str(t["lost"]),
+            str(t["recall_changed"]),
+        )
     Console().print(table)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kills", type=int, default=50, help="how many kills, spread over the operations")
+    p.add_argument(
+        "--kills", type=int, default=50, help="how many kills, spread over the operations"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="preset or path (default: the embedded model)")
     p.add_argument("--json", type=Path, default=OUT / "killtest.json")

@@ -69,7 +69,9 @@ def main() -> None:
         engine.close()
 
     n_tokens = sum(len(r) for r in rows)
-    table = Table(title=f"reach × 1e4 into {args.text.name} ({n_tokens} tokens), {len(facts)} facts")
+    table = Table(
+        title=f"reach × 1e4 into {args.text.name} ({n_tokens} tokens), {len(facts)} facts"
+    )
     table.add_column("layer")
     table.add_column("own, no shrink")
     for s in shrinks:
@@ -80,7 +82,9 @@ def main() -> None:
         c = memit.to_numpy(cov[layer]).astype(np.float64)
         k = np.concatenate([fk[layer] for fk in fact_keys]).T  # (d_in × columns)
         own = np.median(reach(memit.inverse_covariance(c), k, c))
-        cells = [np.median(reach(memit.inverse_covariance(c, shrink=s), k, text_cov)) for s in shrinks]
+        cells = [
+            np.median(reach(memit.inverse_covariance(c, shrink=s), k, text_cov)) for s in shrinks
+        ]
         table.add_row(str(layer), f"{1e4 * own:.2f}", *(f"{1e4 * v:.2f}" for v in cells))
     Console().print(table)
 

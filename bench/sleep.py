@@ -77,8 +77,11 @@ def sleep_phase(
             f"  {name} cycle {cycle}: recall {r.recall:.3f} degraded {r.degraded} exposed {r.exposed} "
             f"refreshed {r.refreshed} deferred {r.deferred} pruned {r.pruned} "
             f"ΔPPL {100 * r.ppl_change:+.2f}% {r.seconds:.1f}s"
-            + (f" ROLLED BACK (tried ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
-               if r.rolled_back else "")
+            + (
+                f" ROLLED BACK (tried ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
+                if r.rolled_back
+                else ""
+            )
         )
         log_row(rows[-1])
         prev = [x for x in rows if x["phase"] == name]

@@ -67,7 +67,9 @@ def main() -> None:
                 pristine = {layer: backend.weight(layer) for layer in layers}
                 before = chat_answers(engine, unrelated, tokens=10)
                 ppl0 = engine.perplexity()
-                answers = [engine.chat_prompt(q) + a for q, a in zip(unrelated, before, strict=True)]
+                answers = [
+                    engine.chat_prompt(q) + a for q, a in zip(unrelated, before, strict=True)
+                ]
                 nll0 = [backend.nll(answers[:20]), backend.nll(answers[20:])]
             engine.cfg = replace(engine.cfg, **changes)
             seconds = []

@@ -90,7 +90,9 @@ def run_mode(args, backend: str, facts, constrained: bool, unrelated: list[str])
                         "ppl_change_pct": 100 * (engine.perplexity() / ppl0 - 1),
                         "median_s_per_fact": statistics.median(seconds),
                         "bytes_per_memory": sum(p.stat().st_size for p in deltas) / len(deltas),
-                        "specificity": unchanged(before, chat_answers(engine, unrelated, tokens=10)),
+                        "specificity": unchanged(
+                            before, chat_answers(engine, unrelated, tokens=10)
+                        ),
                     }
                 )
                 mode = "constrained" if constrained else "unconstrained"
@@ -172,6 +174,7 @@ def main() -> None:
         "unchanged",
     ):
         table.add_column(col, justify="right")
+
     def cell(r: dict, key: str, fmt: str) -> str:
         return format(r[key], fmt) if key in r else "–"
 

@@ -136,8 +136,10 @@ class Adapter:
             config = json.loads(files[CONFIG])
             r, alpha = int(config["r"]), float(config["lora_alpha"])
             rslora = bool(config.get("use_rslora", False))
-            if config.get("peft_type") != "LORA" or config.get("rank_pattern") or config.get(
-                "alpha_pattern"
+            if (
+                config.get("peft_type") != "LORA"
+                or config.get("rank_pattern")
+                or config.get("alpha_pattern")
             ):
                 raise ValueError("only plain LoRA adapters (one rank, one alpha) are supported")
             tensors = load(files[WEIGHTS])
@@ -150,8 +152,6 @@ class Adapter:
             if match is None:
                 raise StateError(f"The adapter in {source} holds an unexpected tensor {key!r}.")
             (a if match.group(2) == "A" else b)[match.group(1)] = value.astype(np.float32)
-        if set(a) != set(b) or any(
-            a[m].shape[0] != r or b[m].shape[1] != r for m in a
-        ):
+        if set(a) != set(b) or any(a[m].shape[0] != r or b[m].shape[1] != r for m in a):
             raise StateError(f"The adapter in {source} has unpaired or mis-shaped A/B tensors.")
         return cls(r=r, alpha=alpha, a=a, b=b, use_rslora=rslora)

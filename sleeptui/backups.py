@@ -86,7 +86,11 @@ class Manifest:
             generation, ledger, deltas = doc["generation"], doc["ledger"], doc["deltas"]
         except (KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"not a manifest ({e!r})") from e
-        if type(generation) is not int or not isinstance(ledger, str) or not _SHA256.fullmatch(ledger):
+        if (
+            type(generation) is not int
+            or not isinstance(ledger, str)
+            or not _SHA256.fullmatch(ledger)
+        ):
             raise ValueError("not a manifest (generation or ledger checksum)")
         if not isinstance(deltas, dict) or not all(
             isinstance(k, str) and _ID.fullmatch(k) and isinstance(v, str) and _SHA256.fullmatch(v)
@@ -140,16 +144,16 @@ def rotated_out(root: Path, kept: Iterable[Manifest]) -> list[str]:
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     if (folder / "deltas").is_dir():
         files += [p for p in (folder / "deltas").iterdir() if p.is_file()]
-    stale = sorted(
-        name for p in files if (name := p.relative_to(root).as_posix()) not in needed
-    )
+    stale = sorted(name for p in files if (name := p.relative_to(root).as_posix()) not in needed)
     # Adapters are named by content and never rewritten: one stays while a kept generation
     # names it, and then goes (with the facts it was trained on).
     adapters = {m.adapter for m in kept if m.adapter}
     folder = root / ADAPTERS
     for sub in sorted(folder.iterdir()) if folder.is_dir() else ():
         if sub.is_dir() and f"{ADAPTERS}/{sub.name}" not in adapters:
-            stale += [f"{ADAPTERS}/{sub.name}/{p.name}" for p in sorted(sub.iterdir()) if p.is_file()]
+            stale += [
+                f"{ADAPTERS}/{sub.name}/{p.name}" for p in sorted(sub.iterdir()) if p.is_file()
+            ]
     return stale
 
 

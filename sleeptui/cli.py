@@ -289,11 +289,16 @@ def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...
 
 def _measured(r) -> tuple[str, ...]:
     """The columns sleep and consolidation reports share: recall, chat, ΔPPL, seconds."""
-    return f"{r.recall:.2f}", f"{r.chat_recall:.2f}", f"{100 * r.ppl_change:+.2f}%", f"{r.seconds:.1f}"
+    return (
+        f"{r.recall:.2f}",
+        f"{r.chat_recall:.2f}",
+        f"{100 * r.ppl_change:+.2f}%",
+        f"{r.seconds:.1f}",
+    )
 
 
 def _rolled_back(r) -> str:
-    """"rolled back", with the perplexity change that was refused where it is known."""
+    """ "rolled back", with the perplexity change that was refused where it is known."""
     if r.ppl_tried is None:
         return "rolled back"
     return f"rolled back (ΔPPL {100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
@@ -303,8 +308,10 @@ def _sleep_note(r) -> str:
     """What a committed cycle left undone to pass the perplexity check, and convergence."""
     notes = []
     if r.deferred:
-        notes.append(f"{r.deferred} refreshes left for the next cycle (ΔPPL with them "
-                     f"{100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)")
+        notes.append(
+            f"{r.deferred} refreshes left for the next cycle (ΔPPL with them "
+            f"{100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)"
+        )
     if r.converged:
         notes.append("converged")
     return "; ".join(notes)

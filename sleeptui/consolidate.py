@@ -205,8 +205,19 @@ def run(
         stages = stage_histogram(engine.ledger)
         recall = _final_recall(engine)
         return ConsolidationReport(
-            cycle, kind, 0, 0, stages, *recall, ppl_before, ppl_before, ppl_before, False,
-            time.perf_counter() - started, float("nan"), float("nan"),
+            cycle,
+            kind,
+            0,
+            0,
+            stages,
+            *recall,
+            ppl_before,
+            ppl_before,
+            ppl_before,
+            False,
+            time.perf_counter() - started,
+            float("nan"),
+            float("nan"),
         )
     try:
         # Replay text is written by the model as it is now, before anything is taken out.

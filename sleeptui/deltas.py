@@ -42,7 +42,12 @@ def encode(factors: Factors, memory_id: str, fingerprint: str, model: str) -> by
     for layer, (u, v) in sorted(factors.items()):
         tensors[down_proj_name(layer) + ".u"] = np.ascontiguousarray(u, dtype=np.float32)
         tensors[down_proj_name(layer) + ".v"] = np.ascontiguousarray(v, dtype=np.float32)
-    meta = {"format": DELTA_FORMAT, "memory_id": memory_id, "fingerprint": fingerprint, "model": model}
+    meta = {
+        "format": DELTA_FORMAT,
+        "memory_id": memory_id,
+        "fingerprint": fingerprint,
+        "model": model,
+    }
     return save(tensors, metadata=meta)
 
 
@@ -64,12 +69,16 @@ def decode(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, s
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 
-def mismatch(meta: dict[str, str], memory_id: str, ledger: Ledger | None, source: str) -> StateError | None:
+def mismatch(
+    meta: dict[str, str], memory_id: str, ledger: Ledger | None, source: str
+) -> StateError | None:
     """What makes a delta's metadata wrong for memory ``memory_id`` of ``ledger``, as the error
     to raise, or None."""
     if meta.get("format") != DELTA_FORMAT:
-        return StateError(f"{source} is not a sleeptui delta (its metadata has no format "
-                          f"'{DELTA_FORMAT}'); nothing was changed.")
+        return StateError(
+            f"{source} is not a sleeptui delta (its metadata has no format "
+            f"'{DELTA_FORMAT}'); nothing was changed."
+        )
     theirs = meta.get("fingerprint", "")
     if ledger is not None and theirs != ledger.fingerprint:
         return FingerprintMismatch(
@@ -79,8 +88,10 @@ def mismatch(meta: dict[str, str], memory_id: str, ledger: Ledger | None, source
             "Nothing was changed; put this folder's own file back."
         )
     if meta.get("memory_id") != memory_id:
-        return StateError(f"{source} holds the delta of memory {meta.get('memory_id')!r}, not of "
-                          f"{memory_id}; nothing was changed. Put the memory's own file back.")
+        return StateError(
+            f"{source} holds the delta of memory {meta.get('memory_id')!r}, not of "
+            f"{memory_id}; nothing was changed. Put the memory's own file back."
+        )
     return None
 
 
@@ -95,13 +106,22 @@ def parse_factors(tensors: dict[str, np.ndarray], shapes: Shapes, source: str) -
     for key in tensors:
         base, _, part = key.rpartition(".")
         if base not in names or part not in ("u", "v"):
-            raise StateError(f"{source} holds an unexpected tensor '{key}'; it is not a sleeptui delta.")
+            raise StateError(
+                f"{source} holds an unexpected tensor '{key}'; it is not a sleeptui delta."
+            )
     for base, layer in names.items():
         u, v = tensors.get(base + ".u"), tensors.get(base + ".v")
         if u is None and v is None:
             continue
-        if u is None or v is None or u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0] \
-                or u.shape[0] != shapes.d_model or v.shape[1] != shapes.d_ff:
+        if (
+            u is None
+            or v is None
+            or u.ndim != 2
+            or v.ndim != 2
+            or u.shape[1] != v.shape[0]
+            or u.shape[0] != shapes.d_model
+            or v.shape[1] != shapes.d_ff
+        ):
             got = f"u {None if u is None else u.shape}, v {None if v is None else v.shape}"
             raise StateError(
                 f"{source} has factors of the wrong shape for {base} ({got}; this model needs "
@@ -109,6 +129,8 @@ def parse_factors(tensors: dict[str, np.ndarray], shapes: Shapes, source: str) -
             )
         u, v = u.astype(np.float32), v.astype(np.float32)
         if not (np.isfinite(u).all() and np.isfinite(v).all()):
-            raise StateError(f"{source} holds values that are not finite numbers in {base}; it is damaged.")
+            raise StateError(
+                f"{source} holds values that are not finite numbers in {base}; it is damaged."
+            )
         factors[layer] = (u, v)
     return factors

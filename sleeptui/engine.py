@@ -326,7 +326,9 @@ class Engine:
             return []
         b = self.backend
         out = b.greedy(
-            [b.encode(m.prompt) for m in memories], RECALL_TOKENS, until=[m.object for m in memories]
+            [b.encode(m.prompt) for m in memories],
+            RECALL_TOKENS,
+            until=[m.object for m in memories],
         )
         return [_says(b.decode(o), m.object) for m, o in zip(memories, out, strict=True)]
 
@@ -456,7 +458,9 @@ class Engine:
             for m in keep:
                 self.apply_scale(m, m.scale)
             recalls = self.check(keep)
-            missing = [m for m, r in zip(keep, recalls, strict=True) if not (r.completion and r.chat)]
+            missing = [
+                m for m, r in zip(keep, recalls, strict=True) if not (r.completion and r.chat)
+            ]
             if not missing:
                 break
         files = self.adapter_files(adapter)
@@ -809,9 +813,7 @@ def _rounds(facts: Sequence[Fact]) -> list[list[Fact]]:
     """``facts`` in order, split into groups with at most one fact per subject each."""
     rounds: list[list[Fact]] = []
     for fact in facts:
-        slot = next(
-            (r for r in rounds if not any(fact.about_same_subject(f) for f in r)), None
-        )
+        slot = next((r for r in rounds if not any(fact.about_same_subject(f) for f in r)), None)
         if slot is None:
             rounds.append(slot := [])
         slot.append(fact)

@@ -96,95 +96,373 @@ _EXPANSIONS = {"m": "am", "s": "is", "re": "are", "ve": "have", "d": "would", "l
 _END_CHARS = " \t.!?\u2026;:,\"')]}\u00bb\u201d"
 _LEAD_CHARS = " \t-*\u2022\u00b7>\"'([{\u00ab\u201c"
 _TITLES = {"Mr.", "Mrs.", "Ms.", "Dr.", "Prof.", "St."}
-_PARTICLES = {"van", "von", "de", "der", "den", "del", "della", "di", "da", "du", "dos", "das",
-              "la", "le", "ten", "ter", "bin", "ibn", "al", "el", "y", "d", "l"}
-_CONNECTORS = {"in", "on", "at", "as", "a", "an", "the", "to", "for", "from", "with", "of", "by",
-               "named", "called", "into", "near", "about"}
+_PARTICLES = {
+    "van",
+    "von",
+    "de",
+    "der",
+    "den",
+    "del",
+    "della",
+    "di",
+    "da",
+    "du",
+    "dos",
+    "das",
+    "la",
+    "le",
+    "ten",
+    "ter",
+    "bin",
+    "ibn",
+    "al",
+    "el",
+    "y",
+    "d",
+    "l",
+}
+_CONNECTORS = {
+    "in",
+    "on",
+    "at",
+    "as",
+    "a",
+    "an",
+    "the",
+    "to",
+    "for",
+    "from",
+    "with",
+    "of",
+    "by",
+    "named",
+    "called",
+    "into",
+    "near",
+    "about",
+}
 _ARTICLES = {"a", "an", "the"}
 _COPULAS = {"is", "was", "are", "were"}
 _AUX = {"is", "was", "are", "were", "am", "be", "been", "being", "has", "have", "had", "got"}
 _PHRASAL = {"up", "out", "back", "away", "down", "off", "over"}
 _DROPPED_ADVERBS = {"also", "actually", "currently", "now", "really", "just", "still", "recently"}
-_NEGATIONS = {"not", "never", "no", "nor", "neither", "none", "nothing", "nowhere", "nobody",
-              "cannot"}
-_MODALS = {"might", "may", "could", "would", "should", "must", "will", "shall", "maybe",
-           "perhaps", "probably", "possibly", "supposedly", "hypothetically"}
-_HYPOTHETICAL_WORDS = {"if", "unless", "whether", "suppose", "supposing", "imagine", "assume",
-                       "assuming", "pretend", "hypothetically", "let's", "lets"}
-_HEDGES = {"think", "believe", "guess", "suppose", "assume", "reckon", "imagine", "hope", "wish",
-           "doubt", "bet", "expect", "wonder", "feel"}
+_NEGATIONS = {
+    "not",
+    "never",
+    "no",
+    "nor",
+    "neither",
+    "none",
+    "nothing",
+    "nowhere",
+    "nobody",
+    "cannot",
+}
+_MODALS = {
+    "might",
+    "may",
+    "could",
+    "would",
+    "should",
+    "must",
+    "will",
+    "shall",
+    "maybe",
+    "perhaps",
+    "probably",
+    "possibly",
+    "supposedly",
+    "hypothetically",
+}
+_HYPOTHETICAL_WORDS = {
+    "if",
+    "unless",
+    "whether",
+    "suppose",
+    "supposing",
+    "imagine",
+    "assume",
+    "assuming",
+    "pretend",
+    "hypothetically",
+    "let's",
+    "lets",
+}
+_HEDGES = {
+    "think",
+    "believe",
+    "guess",
+    "suppose",
+    "assume",
+    "reckon",
+    "imagine",
+    "hope",
+    "wish",
+    "doubt",
+    "bet",
+    "expect",
+    "wonder",
+    "feel",
+}
 _WH = {"what", "where", "who", "whom", "whose", "which", "when", "why", "how"}
-_AUX_QUESTION = {"do", "does", "did", "is", "are", "was", "were", "am", "can", "could", "will",
-                 "would", "should", "shall", "may", "might", "must", "has", "have", "had"}
+_AUX_QUESTION = {
+    "do",
+    "does",
+    "did",
+    "is",
+    "are",
+    "was",
+    "were",
+    "am",
+    "can",
+    "could",
+    "will",
+    "would",
+    "should",
+    "shall",
+    "may",
+    "might",
+    "must",
+    "has",
+    "have",
+    "had",
+}
 _AMBIGUOUS_AUX = {"may", "will", "can"}  # also given names: "May Chen", "Will Smith", "Can Yilmaz"
-_IMPERATIVES = {"tell", "give", "show", "list", "say", "explain", "describe", "write", "find",
-                "search", "help", "please", "let", "stop", "call", "make", "forget", "remind",
-                "check", "look", "ask", "add", "delete", "remove", "store", "save", "learn",
-                "update", "set", "change", "answer", "translate", "summarize", "summarise", "go",
-                "try", "keep", "put", "remember", "note", "read", "repeat", "use"}
+_IMPERATIVES = {
+    "tell",
+    "give",
+    "show",
+    "list",
+    "say",
+    "explain",
+    "describe",
+    "write",
+    "find",
+    "search",
+    "help",
+    "please",
+    "let",
+    "stop",
+    "call",
+    "make",
+    "forget",
+    "remind",
+    "check",
+    "look",
+    "ask",
+    "add",
+    "delete",
+    "remove",
+    "store",
+    "save",
+    "learn",
+    "update",
+    "set",
+    "change",
+    "answer",
+    "translate",
+    "summarize",
+    "summarise",
+    "go",
+    "try",
+    "keep",
+    "put",
+    "remember",
+    "note",
+    "read",
+    "repeat",
+    "use",
+}
 _ASSISTANT = {"you", "your", "yours", "yourself", "u", "ur"}
 _PRONOUNS = {"he", "she", "they"}
-_NON_SUBJECTS = {"we", "it", "this", "that", "these", "those", "there", "here", "the", "a", "an",
-                 "his", "her", "their", "our", "its", "him", "them", "me", "us", "someone",
-                 "somebody", "everyone", "everybody", "anyone", "something", "some", "all", "each",
-                 "every", "one", "people", "today", "yesterday", "tomorrow", "yes", "hi", "hello",
-                 "hey", "thanks", "thank", "sure", "great", "cool", "nice", "sorry", "after",
-                 "before", "because", "since", "although", "though", "while", "as", "then", "so",
-                 "well", "oh", "ok", "okay"}
-_NON_VERBS = _NON_SUBJECTS | _PRONOUNS | _ASSISTANT | _PHRASAL | {
-    "and", "or", "but", "who", "whose", "which", "i", "my", "too", "very", "be", "been", "being"}
-_IRREGULAR_PAST = {"had": "have", "did": "do", "went": "go", "grew": "grow", "ran": "run",
-                   "came": "come", "saw": "see", "met": "meet", "got": "get", "made": "make",
-                   "took": "take", "wrote": "write", "spoke": "speak", "drove": "drive",
-                   "left": "leave", "became": "become", "began": "begin", "bought": "buy",
-                   "built": "build", "taught": "teach", "found": "find", "knew": "know",
-                   "lost": "lose", "won": "win", "sold": "sell", "sang": "sing", "swam": "swim",
-                   "flew": "fly", "kept": "keep", "gave": "give", "ate": "eat", "drank": "drink",
-                   "chose": "choose", "rode": "ride", "wore": "wear", "brought": "bring",
-                   "held": "hold", "heard": "hear", "paid": "pay", "spent": "spend",
-                   "stood": "stand", "sent": "send", "fell": "fall", "felt": "feel"}
+_NON_SUBJECTS = {
+    "we",
+    "it",
+    "this",
+    "that",
+    "these",
+    "those",
+    "there",
+    "here",
+    "the",
+    "a",
+    "an",
+    "his",
+    "her",
+    "their",
+    "our",
+    "its",
+    "him",
+    "them",
+    "me",
+    "us",
+    "someone",
+    "somebody",
+    "everyone",
+    "everybody",
+    "anyone",
+    "something",
+    "some",
+    "all",
+    "each",
+    "every",
+    "one",
+    "people",
+    "today",
+    "yesterday",
+    "tomorrow",
+    "yes",
+    "hi",
+    "hello",
+    "hey",
+    "thanks",
+    "thank",
+    "sure",
+    "great",
+    "cool",
+    "nice",
+    "sorry",
+    "after",
+    "before",
+    "because",
+    "since",
+    "although",
+    "though",
+    "while",
+    "as",
+    "then",
+    "so",
+    "well",
+    "oh",
+    "ok",
+    "okay",
+}
+_NON_VERBS = (
+    _NON_SUBJECTS
+    | _PRONOUNS
+    | _ASSISTANT
+    | _PHRASAL
+    | {"and", "or", "but", "who", "whose", "which", "i", "my", "too", "very", "be", "been", "being"}
+)
+_IRREGULAR_PAST = {
+    "had": "have",
+    "did": "do",
+    "went": "go",
+    "grew": "grow",
+    "ran": "run",
+    "came": "come",
+    "saw": "see",
+    "met": "meet",
+    "got": "get",
+    "made": "make",
+    "took": "take",
+    "wrote": "write",
+    "spoke": "speak",
+    "drove": "drive",
+    "left": "leave",
+    "became": "become",
+    "began": "begin",
+    "bought": "buy",
+    "built": "build",
+    "taught": "teach",
+    "found": "find",
+    "knew": "know",
+    "lost": "lose",
+    "won": "win",
+    "sold": "sell",
+    "sang": "sing",
+    "swam": "swim",
+    "flew": "fly",
+    "kept": "keep",
+    "gave": "give",
+    "ate": "eat",
+    "drank": "drink",
+    "chose": "choose",
+    "rode": "ride",
+    "wore": "wear",
+    "brought": "bring",
+    "held": "hold",
+    "heard": "hear",
+    "paid": "pay",
+    "spent": "spend",
+    "stood": "stand",
+    "sent": "send",
+    "fell": "fall",
+    "felt": "feel",
+}
 _TO_THIRD = {"am": "is", "are": "is", "were": "was", "have": "has", "do": "does", "go": "goes"}
 
 # relation -> (questions, paraphrases); "{s}" is the subject as written mid-sentence.
 _QUESTION_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "lives in": (("Where does {s} live?", "Which city is {s} based in?",
-                  "Which city does {s} live in?"),
-                 ("Where is {s}'s home?", "In what town does {s} reside?",
-                  "What city does {s} call home?")),
-    "works as a": (("What does {s} do for a living?", "What is {s}'s job?",
-                    "What is {s}'s profession?"),
-                   ("What kind of work does {s} do?", "What is {s}'s occupation?",
-                    "How does {s} earn a living?")),
-    "has a dog named": (("What is the name of {s}'s dog?", "What is {s}'s dog called?"),
-                        ("What did {s} name their dog?", "What is {s}'s dog's name?",
-                         "What name does {s}'s dog answer to?")),
-    "plays the": (("Which instrument does {s} play?", "What instrument does {s} play?"),
-                  ("What musical instrument does {s} play?",
-                   "Which musical instrument can {s} play?")),
-    "was born in": (("Where was {s} born?", "In which city was {s} born?"),
-                    ("What is {s}'s birthplace?", "Which town was {s} born in?")),
-    "is allergic to": (("What is {s} allergic to?", "What allergy does {s} have?"),
-                       ("Which food is {s} allergic to?",
-                        "What should {s} avoid because of an allergy?")),
-    "speaks": (("What language does {s} speak?", "Which language does {s} speak?"),
-               ("Which language is {s} fluent in?",
-                "In what language can {s} hold a conversation?")),
-    "works at": (("Where does {s} work?", "Which company does {s} work for?"),
-                 ("Who is {s}'s employer?", "What company employs {s}?")),
-    "studied": (("What did {s} study?", "What subject did {s} study?"),
-                ("What was {s}'s field of study?", "What did {s} major in?")),
-    "drives a": (("What car does {s} drive?", "What does {s} drive?"),
-                 ("What kind of car does {s} have?", "Which vehicle does {s} drive?")),
-    "is from": (("Where is {s} from?", "Which country is {s} from?"),
-                ("Where does {s} come from?", "What is {s}'s home country?")),
-    "is married to": (("Who is {s} married to?", "Who is {s}'s spouse?"),
-                      ("Whom did {s} marry?", "Who is {s}'s husband or wife?")),
-    "is named": (("What is {s}'s name?", "What is {s} called?"),
-                 ("What name does {s} go by?", "How should I address {s}?")),
+    "lives in": (
+        ("Where does {s} live?", "Which city is {s} based in?", "Which city does {s} live in?"),
+        ("Where is {s}'s home?", "In what town does {s} reside?", "What city does {s} call home?"),
+    ),
+    "works as a": (
+        ("What does {s} do for a living?", "What is {s}'s job?", "What is {s}'s profession?"),
+        (
+            "What kind of work does {s} do?",
+            "What is {s}'s occupation?",
+            "How does {s} earn a living?",
+        ),
+    ),
+    "has a dog named": (
+        ("What is the name of {s}'s dog?", "What is {s}'s dog called?"),
+        (
+            "What did {s} name their dog?",
+            "What is {s}'s dog's name?",
+            "What name does {s}'s dog answer to?",
+        ),
+    ),
+    "plays the": (
+        ("Which instrument does {s} play?", "What instrument does {s} play?"),
+        ("What musical instrument does {s} play?", "Which musical instrument can {s} play?"),
+    ),
+    "was born in": (
+        ("Where was {s} born?", "In which city was {s} born?"),
+        ("What is {s}'s birthplace?", "Which town was {s} born in?"),
+    ),
+    "is allergic to": (
+        ("What is {s} allergic to?", "What allergy does {s} have?"),
+        ("Which food is {s} allergic to?", "What should {s} avoid because of an allergy?"),
+    ),
+    "speaks": (
+        ("What language does {s} speak?", "Which language does {s} speak?"),
+        ("Which language is {s} fluent in?", "In what language can {s} hold a conversation?"),
+    ),
+    "works at": (
+        ("Where does {s} work?", "Which company does {s} work for?"),
+        ("Who is {s}'s employer?", "What company employs {s}?"),
+    ),
+    "studied": (
+        ("What did {s} study?", "What subject did {s} study?"),
+        ("What was {s}'s field of study?", "What did {s} major in?"),
+    ),
+    "drives a": (
+        ("What car does {s} drive?", "What does {s} drive?"),
+        ("What kind of car does {s} have?", "Which vehicle does {s} drive?"),
+    ),
+    "is from": (
+        ("Where is {s} from?", "Which country is {s} from?"),
+        ("Where does {s} come from?", "What is {s}'s home country?"),
+    ),
+    "is married to": (
+        ("Who is {s} married to?", "Who is {s}'s spouse?"),
+        ("Whom did {s} marry?", "Who is {s}'s husband or wife?"),
+    ),
+    "is named": (
+        ("What is {s}'s name?", "What is {s} called?"),
+        ("What name does {s} go by?", "How should I address {s}?"),
+    ),
 }
-_TABLE_ALIASES = {"works as an": "works as a", "works as": "works as a", "works for": "works at",
-                  "has a dog called": "has a dog named", "drives an": "drives a",
-                  "is called": "is named"}
+_TABLE_ALIASES = {
+    "works as an": "works as a",
+    "works as": "works as a",
+    "works for": "works at",
+    "has a dog called": "has a dog named",
+    "drives an": "drives a",
+    "is called": "is named",
+}
 
 
 # ---------------------------------------------------------------- public API
@@ -290,7 +568,7 @@ def _prepare(sentence: str) -> list[str] | str | None:
     if len(sentence) > MAX_SENTENCE_CHARS:
         return TOO_LONG
     core = sentence.rstrip(_END_CHARS)
-    if "?" in sentence[len(core):]:
+    if "?" in sentence[len(core) :]:
         return QUESTION
     core = core.lstrip(_LEAD_CHARS)
     if not core.strip(_END_CHARS + _LEAD_CHARS):
@@ -299,7 +577,7 @@ def _prepare(sentence: str) -> list[str] | str | None:
         match = _PREFIX.match(core)
         if not match or not match.end():
             break
-        core = core[match.end():]
+        core = core[match.end() :]
     words = core.split()
     if not words:
         return NO_SUBJECT
@@ -315,7 +593,7 @@ def _clauses(words: list[str]) -> list[list[str]]:
     for k in range(1, len(words) - 1):
         if words[k].lower() not in ("and", "but") or k <= start:
             continue
-        rest = words[k + 1:]
+        rest = words[k + 1 :]
         if rest[0].lower().split("'")[0] in _PRONOUNS | {"i"} or _starts_named_clause(rest):
             clauses.append(words[start:k])
             start = k + 1
@@ -403,13 +681,15 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
             thing = possessed.split(" ", 1)[1]
             questions = (questions[0], f"What {rel} the {thing} of {subject}?", *questions[1:2])
         relation_text = f"{possessed} {rel}"
-        fact = Fact(subject, relation_text, obj, prompt=subject + relation_text, questions=questions)
+        fact = Fact(
+            subject, relation_text, obj, prompt=subject + relation_text, questions=questions
+        )
         return fact, named
     return Fact(subject, rel, obj, questions=questions_for(subject, rel)), named
 
 
 def _parse_possessive(words: list[str], n: int) -> tuple[str, str, list[str]] | str:
-    """"Ines Berg's favourite colour is teal" -> ("Ines Berg", "'s favourite colour",
+    """ "Ines Berg's favourite colour is teal" -> ("Ines Berg", "'s favourite colour",
     ["is", "teal"]): a name's possessive, one to four plain words, then a form of "be"."""
     word = words[n]
     owner, mark = (word[:-2], word[-2:]) if word.lower().endswith("'s") else (word[:-1], "'")
@@ -429,7 +709,7 @@ def _parse_possessive(words: list[str], n: int) -> tuple[str, str, list[str]] | 
 
 
 def _of_to_possessive(words: list[str]) -> list[str] | None:
-    """"The favourite colour of Ines Berg is teal" as "Ines Berg's favourite colour is teal";
+    """ "The favourite colour of Ines Berg is teal" as "Ines Berg's favourite colour is teal";
     None unless the sentence has that form (one to four plain words before "of", a name, a
     form of "be")."""
     if "of" not in words[2:6]:
@@ -443,21 +723,21 @@ def _of_to_possessive(words: list[str]) -> list[str] | None:
 
 
 def _parse_my(words: list[str]) -> tuple[str, list[str]] | str:
-    """"My name is Anna" -> the user; "My (best) friend, Anna Berg, ..." -> Anna Berg."""
+    """ "My name is Anna" -> the user; "My (best) friend, Anna Berg, ..." -> Anna Berg."""
     second = words[1].lower() if len(words) > 1 else ""
     if second == "name's" or (second == "name" and words[2:3] == ["is"]):
-        return USER_SUBJECT, ["is", "named", *words[2 if second == "name's" else 3:]]
+        return USER_SUBJECT, ["is", "named", *words[2 if second == "name's" else 3 :]]
     k = 1
     while k < min(len(words), 4):
         word = words[k].rstrip(",")
         if not _is_plain(word) or word in _CONNECTORS or word in _AUX or word in _NON_VERBS:
             break
         k += 1
-    cleaned = [w.rstrip(",") for w in words[k:k + 8]]
+    cleaned = [w.rstrip(",") for w in words[k : k + 8]]
     n = _name_span(cleaned) if k > 1 else 0
     if n == 0:
         return "no subject found; name the person, as in 'My sister Anna lives in Oslo'"
-    return " ".join(cleaned[:n]), words[k + n:]
+    return " ".join(cleaned[:n]), words[k + n :]
 
 
 def _split_predicate(words: list[str]) -> tuple[list[str], str] | str:
@@ -473,8 +753,11 @@ def _split_predicate(words: list[str]) -> tuple[list[str], str] | str:
         while i < len(words) and words[i] in ("been", "being", "be", "got"):
             relation.append(words[i])
             i += 1
-        if (i + 1 < len(words) and _is_verb(words[i])
-                and (words[i + 1] in _CONNECTORS or words[i + 1] in _PHRASAL)):
+        if (
+            i + 1 < len(words)
+            and _is_verb(words[i])
+            and (words[i + 1] in _CONNECTORS or words[i + 1] in _PHRASAL)
+        ):
             relation.append(words[i])  # participle or adjective: "born", "allergic"
             i += 1
     if i < len(words) and words[i] in _PHRASAL:
@@ -488,7 +771,7 @@ def _split_predicate(words: list[str]) -> tuple[list[str], str] | str:
     for j in range(i + 1, min(i + 4, len(words))):  # "has a dog named", "has two cats called"
         if words[j] in ("named", "called"):
             if all(_is_verb(w) for w in words[i:j]):
-                relation.extend(words[i:j + 1])
+                relation.extend(words[i : j + 1])
                 i = j + 1
             break
     obj = " ".join(words[i:]).strip(_END_CHARS + "-\u2013\u2014").lstrip(_LEAD_CHARS)
@@ -610,8 +893,10 @@ def _generic_questions(
     if words and words[-1] in ("named", "called"):
         noun = " ".join(w for w in words[1:-1] if w not in _ARTICLES)
         if noun:
-            return ((f"What is the name of {s}'s {noun}?", f"What is {s}'s {noun} called?"),
-                    (f"What did {s} name their {noun}?", f"What name does {s}'s {noun} have?"))
+            return (
+                (f"What is the name of {s}'s {noun}?", f"What is {s}'s {noun} called?"),
+                (f"What did {s} name their {noun}?", f"What name does {s}'s {noun} have?"),
+            )
     core = list(words)
     while core and core[-1] in _ARTICLES:
         core.pop()
@@ -638,8 +923,10 @@ def _generic_questions(
     questions.append(f"{subject} {' '.join(words)} what?")
     if len(questions) < 2:
         questions.append(f"What is it that {s} {' '.join(core)}?")
-    paraphrases = [f"Do you know what {s} {' '.join(core)}?",
-                   f"Can you remind me what {s} {' '.join(core)}?"]
+    paraphrases = [
+        f"Do you know what {s} {' '.join(core)}?",
+        f"Can you remind me what {s} {' '.join(core)}?",
+    ]
     if where is not None:
         paraphrases.insert(0, " ".join(["Do you know where", s, verb, *where]) + "?")
     return tuple(dict.fromkeys(questions[:4])), tuple(paraphrases[:3])

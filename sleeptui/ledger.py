@@ -157,7 +157,9 @@ class Ledger:
         """Replace the entry with the same id in place, or append a new one."""
         if self.get(memory.id) is None:
             return replace(self, memories=(*self.memories, memory))
-        return replace(self, memories=tuple(memory if m.id == memory.id else m for m in self.memories))
+        return replace(
+            self, memories=tuple(memory if m.id == memory.id else m for m in self.memories)
+        )
 
     def without(self, ids: set[str]) -> Ledger:
         return replace(self, memories=tuple(m for m in self.memories if m.id not in ids))

@@ -27,7 +27,9 @@ def cache_dir() -> Path:
     $SLEEPTUI_CACHE overrides the platform's user cache dir.
     """
     env = os.environ.get("SLEEPTUI_CACHE")
-    path = Path(env).expanduser() if env else Path(platformdirs.user_cache_dir(APP, appauthor=False))
+    path = (
+        Path(env).expanduser() if env else Path(platformdirs.user_cache_dir(APP, appauthor=False))
+    )
     return private_dir(path)
 
 

@@ -74,8 +74,10 @@ class StateFolder:
         if read_only:
             folder = cls(root, None)
             if journal.pending(root):
-                folder._warn("A change was interrupted while it was being saved; it will be "
-                             "completed when the folder is next opened for writing.")
+                folder._warn(
+                    "A change was interrupted while it was being saved; it will be "
+                    "completed when the folder is next opened for writing."
+                )
             return folder
         try:
             private_dir(root)
@@ -187,11 +189,15 @@ class StateFolder:
             path = self.root / record.path / name
             data = _read(path)
             if data is None:
-                raise StateError(f"The adapter file {path} is missing; restore the folder from "
-                                 "a copy, or forget the consolidated memories.")
+                raise StateError(
+                    f"The adapter file {path} is missing; restore the folder from "
+                    "a copy, or forget the consolidated memories."
+                )
             if sha256(data) != digest:
-                raise StateError(f"The adapter file {path} is damaged (its checksum differs "
-                                 "from the ledger's); nothing was changed.")
+                raise StateError(
+                    f"The adapter file {path} is damaged (its checksum differs "
+                    "from the ledger's); nothing was changed."
+                )
             files[name] = data
         return files
 
@@ -212,11 +218,15 @@ class StateFolder:
             StateError: the folder is read-only or cannot be written; nothing was changed.
         """
         if self.read_only:
-            raise StateError(f"The state folder {self.root} is open read-only; nothing was written.")
+            raise StateError(
+                f"The state folder {self.root} is open read-only; nothing was written."
+            )
         self._finish_journal()
         if journal.pending(self.root):
-            raise StateError(f"A committed change in {self.root} could not yet be moved into "
-                             "place; nothing more was written. Reopen the folder to complete it.")
+            raise StateError(
+                f"A committed change in {self.root} could not yet be moved into "
+                "place; nothing more was written. Reopen the folder to complete it."
+            )
         if self._committed is None:
             self.ledger(ledger.fingerprint, ledger.model)
         txn = None
@@ -269,8 +279,10 @@ class StateFolder:
             else:
                 manifest = next((m for m in found if m.ledger == sha256(data)), None)
                 if manifest is None and found:
-                    self._warn(f"{path} differs from every committed generation in "
-                               f"{self.root / backups.BACKUPS} (was it edited by hand?); it is used as it is.")
+                    self._warn(
+                        f"{path} differs from every committed generation in "
+                        f"{self.root / backups.BACKUPS} (was it edited by hand?); it is used as it is."
+                    )
                 return _Loaded(ledger, manifest)
         for manifest in found:
             name = backups.ledger_name(manifest.generation)
@@ -284,9 +296,14 @@ class StateFolder:
             except StateError:
                 continue
             lost = backups.newest_generation(self.root) - manifest.generation
-            self._warn(f"{problem} Read the last good backup, {name}, instead"
-                       + (f"; the {lost} commit(s) after it are lost." if lost else
-                          "; no committed change was lost."))
+            self._warn(
+                f"{problem} Read the last good backup, {name}, instead"
+                + (
+                    f"; the {lost} commit(s) after it are lost."
+                    if lost
+                    else "; no committed change was lost."
+                )
+            )
             return _Loaded(ledger, manifest, fell_back=True, damaged=data)
         raise StateError(
             f"{problem} No backup in {self.root / backups.BACKUPS} could be read either. Nothing "
@@ -300,7 +317,9 @@ class StateFolder:
         try:
             if loaded.damaged is not None:
                 aside = journal.keep_aside(path, loaded.damaged)
-                self._warn(f"{path} was restored from that backup; the damaged file was kept as {aside}.")
+                self._warn(
+                    f"{path} was restored from that backup; the damaged file was kept as {aside}."
+                )
             backup = self.root / backups.ledger_name(loaded.manifest.generation)
             journal.replace_file(path, backup.read_bytes())
         except OSError as e:
@@ -312,8 +331,10 @@ class StateFolder:
         digest = self._manifest.deltas.get(memory.id) if self._manifest else None
         if digest is None or (data is not None and sha256(data) == digest):
             if data is None:
-                raise StateError(f"The delta of memory {memory.id} ({path}) is missing; nothing "
-                                 "was changed. Restore the file from a copy of the folder.")
+                raise StateError(
+                    f"The delta of memory {memory.id} ({path}) is missing; nothing "
+                    "was changed. Restore the file from a copy of the folder."
+                )
             return data
         what = "missing" if data is None else self._describe_damage(data, memory, str(path))
         copy = self.root / delta_copy_name(memory.id, digest)
@@ -324,11 +345,17 @@ class StateFolder:
                 "missing or damaged too. Nothing was changed; restore the file from a copy of the folder."
             )
         if self.read_only:
-            self._warn(f"{path} is {what}; read its committed copy {copy} instead. Open the "
-                       "folder for writing to repair it.")
+            self._warn(
+                f"{path} is {what}; read its committed copy {copy} instead. Open the "
+                "folder for writing to repair it."
+            )
             return good
         try:
-            note = "" if data is None else f"; the file found there was kept as {journal.keep_aside(path, data)}"
+            note = (
+                ""
+                if data is None
+                else f"; the file found there was kept as {journal.keep_aside(path, data)}"
+            )
             journal.replace_file(path, good)
         except OSError as e:
             raise StateError(_cannot_write(self.root, e)) from e
@@ -341,7 +368,11 @@ class StateFolder:
         except StateError:
             return "not a readable safetensors file"
         problem = mismatch(meta, memory.id, self._committed, source)
-        return f"wrong ({problem})" if problem else "damaged (its checksum differs from the committed one)"
+        return (
+            f"wrong ({problem})"
+            if problem
+            else "damaged (its checksum differs from the committed one)"
+        )
 
     def _finish_journal(self) -> None:
         """Carry out a committed journal that could not be finished when it committed."""
@@ -350,8 +381,10 @@ class StateFolder:
         try:
             journal.apply(self.root)
         except OSError as e:
-            self._warn(f"A committed change could not yet be moved into place ({e.strerror}); "
-                       "it will be completed when the folder is next opened.")
+            self._warn(
+                f"A committed change could not yet be moved into place ({e.strerror}); "
+                "it will be completed when the folder is next opened."
+            )
 
     def _write_holder(self) -> None:
         try:
@@ -380,12 +413,16 @@ def _read(path: Path) -> bytes | None:
 
 def _cannot_write(root: Path, e: OSError) -> str:
     if e.errno == errno.EROFS:
-        return (f"The state folder {root} is on a read-only file system, so sleeptui cannot save "
-                "anything there; nothing was changed. Open it with --read-only to read your "
-                "memories, or choose a writable --state-dir.")
+        return (
+            f"The state folder {root} is on a read-only file system, so sleeptui cannot save "
+            "anything there; nothing was changed. Open it with --read-only to read your "
+            "memories, or choose a writable --state-dir."
+        )
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"The disk holding the state folder {root} is full ({e.strerror}); nothing was "
-                "changed. Free some space and try again.")
+        return (
+            f"The disk holding the state folder {root} is full ({e.strerror}); nothing was "
+            "changed. Free some space and try again."
+        )
     return f"Could not write to the state folder {root} ({e.strerror or e}); nothing was changed."
 
 

@@ -296,8 +296,10 @@ class SleeptuiApp(App[None]):
 
     def start_nap(self) -> None:
         if self.panel.start_sleep(nap=True):
-            self.chat.note("napping: facts MEMIT holds move toward the LoRA adapter; the chat "
-                           "stays usable meanwhile")
+            self.chat.note(
+                "napping: facts MEMIT holds move toward the LoRA adapter; the chat "
+                "stays usable meanwhile"
+            )
         else:
             self.chat.note("Already sleeping.")
 
@@ -333,9 +335,7 @@ class SleeptuiApp(App[None]):
     def _slept(self, message: MemoryPanel.Slept) -> None:
         for r in message.reports:
             if r.rolled_back:
-                rise = (
-                    f" ({100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)" if r.ppl_tried else ""
-                )
+                rise = f" ({100 * (r.ppl_tried / r.ppl_before - 1):+.2f}%)" if r.ppl_tried else ""
                 self.chat.note(
                     f"sleep rolled back: perplexity would have risen too much{rise}; "
                     "nothing changed",

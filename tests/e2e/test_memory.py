@@ -112,7 +112,7 @@ def test_every_fact_about_one_person_is_recalled_and_one_can_go_alone(remembered
 
 
 def test_a_fact_about_the_user_leaves_other_chat_answers_alone(engine):
-    """"I work as a …" is stored about "The user", keyed at " user", which the chat template's
+    """ "I work as a …" is stored about "The user", keyed at " user", which the chat template's
     own "user" header resembles. Without holding the template's keys, that memory (and any
     later write that moves those keys) changed every chat answer: "What is the capital of
     France?" was answered in French nonsense."""
@@ -195,9 +195,7 @@ def test_cli_remember_then_a_separate_process_answers_in_chat(tmp_path):
     ]
 
 
-def test_cli_lists_without_the_model_and_says_what_it_read_from_a_backup(
-    written_folders, tmp_path
-):
+def test_cli_lists_without_the_model_and_says_what_it_read_from_a_backup(written_folders, tmp_path):
     """`memories` reads the folder read-only, without loading the model or taking the lock;
     a damaged ledger is read from its backup with a warning, and repaired by the next
     command that opens the folder for writing."""

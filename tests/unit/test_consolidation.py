@@ -55,6 +55,7 @@ def recalling(monkeypatch):
     """A random tiny model recalls nothing, so nothing would ever be due; these tests are
     about bookkeeping, so every audit here reports recall (the real model's test and
     bench/consolidate.py measure real recall)."""
+
     def check(self, memories):
         return [Recall(at=now(), completion=True, chat=True) for _ in memories]
 
@@ -131,14 +132,18 @@ def test_training_learns_the_targets_and_leaves_the_model_as_it_was(tokenizer):
     example = Rendering(tuple(ids), (), tuple(range(len(ids) - 6, len(ids))))
     losses = []
     settings = replace(FAST, layers=(0, 1, 2, 3), lr=5e-2, epochs=40, batch_size=1)
-    adapter = backend.train_lora([example], settings, progress=lambda i, n, loss: losses.append(loss))
+    adapter = backend.train_lora(
+        [example], settings, progress=lambda i, n, loss: losses.append(loss)
+    )
     # A random tiny model's small LM head caps how sure it can get (≈ 4.3 nats here).
     assert losses[-1] < losses[0] - 0.5
     after = backend.params(names)
     for name in names:
         np.testing.assert_array_equal(after[name], before[name])
     mlp = backend.model.model.layers[1].mlp
-    assert all(type(getattr(mlp, t)).__name__ == "Linear" for t in ("gate_proj", "up_proj", "down_proj"))
+    assert all(
+        type(getattr(mlp, t)).__name__ == "Linear" for t in ("gate_proj", "up_proj", "down_proj")
+    )
     assert any(np.abs(b).max() > 0 for b in adapter.b.values())
 
 
@@ -162,7 +167,8 @@ def test_the_anchor_holds_the_model_on_other_text_while_it_learns(tokenizer):
         with torch.no_grad():
             now = backend._target_logits(anchor).log_softmax(-1)
             fact_loss = torch.nn.functional.cross_entropy(
-                backend._target_logits([fact]), torch.tensor([ids[p] for p in fact.target_positions])
+                backend._target_logits([fact]),
+                torch.tensor([ids[p] for p in fact.target_positions]),
             )
         for name, (u, v) in adapter.factors().items():
             backend.add_low_rank_to(name, u, v, -1.0)
@@ -172,9 +178,12 @@ def test_the_anchor_holds_the_model_on_other_text_while_it_learns(tokenizer):
     free_kl, _ = shift(backend.train_lora([fact], settings))
     held_kl, held_loss = shift(backend.train_lora([fact], settings, anchor=anchor))
     with torch.no_grad():
-        start_loss = float(torch.nn.functional.cross_entropy(
-            backend._target_logits([fact]), torch.tensor([ids[p] for p in fact.target_positions])
-        ))
+        start_loss = float(
+            torch.nn.functional.cross_entropy(
+                backend._target_logits([fact]),
+                torch.tensor([ids[p] for p in fact.target_positions]),
+            )
+        )
     assert held_kl < 0.5 * free_kl
     assert held_loss < start_loss - 0.5
 
@@ -220,14 +229,18 @@ def test_a_rolled_back_consolidation_leaves_weights_and_folder_byte_identical(
     engine.lora = replace(engine.lora, ppl_tolerance=-1.0)  # any consolidation "fails"
     report = engine.consolidate("sleep")
     assert report.rolled_back and report.advanced == 0 and report.due == len(FACTS)
-    assert {p: p.read_bytes() for p in sorted(engine.folder.root.rglob("*")) if p.is_file()} == files
+    assert {
+        p: p.read_bytes() for p in sorted(engine.folder.root.rglob("*")) if p.is_file()
+    } == files
     after = backend.params(names)
     for name in names:
         np.testing.assert_array_equal(after[name], weights[name])
     engine.close()
 
 
-def test_forgetting_a_fact_the_adapter_holds_retrains_it_without_that_fact(tokenizer, tmp_path, recalling):
+def test_forgetting_a_fact_the_adapter_holds_retrains_it_without_that_fact(
+    tokenizer, tmp_path, recalling
+):
     backend = tiny_backend("torch", tokenizer)
     base = backend.params(all_names(backend))
     engine = open_engine(backend, tmp_path / "state")

@@ -149,7 +149,9 @@ def test_samples_are_reproducible_for_a_seed(backend):
 def test_a_resumed_probe_reads_what_a_probe_from_the_embeddings_reads(backend, tokenizer):
     """After layer 1's weights change, a probe resumed from its kept inputs gives the keys
     and hidden states of a fresh probe, and so does a third one after no change at all."""
-    rows = [tokenizer.encode(t) for t in ("Oda Fjellheim lives in", "Rune plays", "a b c d e f g h")]
+    rows = [
+        tokenizer.encode(t) for t in ("Oda Fjellheim lives in", "Rune plays", "a b c d e f g h")
+    ]
     positions = [[3, len(rows[0]) - 1], [len(rows[1]) - 1], [0, 5]]
     resume = ProbeResume()
     backend.probe(rows, positions, [1], 3, resume)
@@ -473,9 +475,7 @@ def test_a_forget_rewrites_the_memories_about_its_subject_written_while_it_was_t
     deltas say the forgotten object too: the forget rewrites exactly those memories, not
     the ones about its subject written before it nor the ones about others."""
     ticks = iter(range(10_000))
-    monkeypatch.setattr(
-        "sleeptui.ledger.now", lambda: f"2026-01-01T00:00:{next(ticks):04d}+00:00"
-    )
+    monkeypatch.setattr("sleeptui.ledger.now", lambda: f"2026-01-01T00:00:{next(ticks):04d}+00:00")
     base = base_weights(engine.backend)
     oda = "Oda Fjellheim"
     earlier, rune, gone, later = engine.remember(
@@ -554,7 +554,9 @@ def test_a_rolled_back_sleep_leaves_weights_and_files_as_they_were(engine):
 def test_both_backends_measure_the_same_residual_fisher(tokenizer):
     pytest.importorskip("mlx_lm", reason=NO_MLX)
     rows = [tokenizer.encode("Oda Fjellheim lives in Tromsø."), tokenizer.encode("Hello there")]
-    got = {kind: tiny_backend(kind, tokenizer).residual_fisher(rows, [1, 2]) for kind in BACKEND_KINDS}
+    got = {
+        kind: tiny_backend(kind, tokenizer).residual_fisher(rows, [1, 2]) for kind in BACKEND_KINDS
+    }
     for layer in (1, 2):
         torch_f, mlx_f = got["torch"][layer], got["mlx"][layer]
         assert np.abs(torch_f).max() > 0

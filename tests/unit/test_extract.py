@@ -92,8 +92,10 @@ def test_bench_relations_extract_without_the_bench_file(
         ("Aiko Tanaka studied physics.", ("Aiko Tanaka", "studied", "physics")),
         ("Olga Petrova drives a Volvo.", ("Olga Petrova", "drives a", "Volvo")),
         ("Viktor lives in New York.", ("Viktor", "lives in", "New York")),
-        ("Łukasz Wróbel works as an electrical engineer.",
-         ("Łukasz Wróbel", "works as an", "electrical engineer")),
+        (
+            "Łukasz Wróbel works as an electrical engineer.",
+            ("Łukasz Wróbel", "works as an", "electrical engineer"),
+        ),
         ("Zoë Müller grew up in Malmö.", ("Zoë Müller", "grew up in", "Malmö")),
         ("Conan O'Brien has a cat called Tom.", ("Conan O'Brien", "has a cat called", "Tom")),
         ("Ludwig van Beethoven plays the piano.", ("Ludwig van Beethoven", "plays the", "piano")),
@@ -115,8 +117,17 @@ def test_general_statements_split_into_subject_relation_object(
 
 
 @pytest.mark.parametrize(
-    "prefix", ["Remember that ", "Remember: ", "remember, ", "Note that ", "FYI ", "FYI: ",
-               "Please remember that ", "Just so you know, "]
+    "prefix",
+    [
+        "Remember that ",
+        "Remember: ",
+        "remember, ",
+        "Note that ",
+        "FYI ",
+        "FYI: ",
+        "Please remember that ",
+        "Just so you know, ",
+    ],
 )
 def test_memory_prefixes_are_stripped_before_extraction(prefix: str) -> None:
     assert _triple(prefix + "Viktor lives in Oslo.") == ("Viktor", "lives in", "Oslo")
@@ -125,7 +136,10 @@ def test_memory_prefixes_are_stripped_before_extraction(prefix: str) -> None:
 def test_kinship_words_are_dropped_and_the_named_person_is_the_subject() -> None:
     assert _triple("My sister Anna lives in Oslo.") == ("Anna", "lives in", "Oslo")
     assert _triple("My best friend, Anna Berg, works as a nurse.") == (
-        "Anna Berg", "works as a", "nurse")
+        "Anna Berg",
+        "works as a",
+        "nurse",
+    )
 
 
 def test_fact_carries_default_prompt_and_chat_questions() -> None:
@@ -217,7 +231,10 @@ def test_clauses_joined_by_and_become_separate_facts() -> None:
 
 def test_and_inside_an_object_stays_in_the_object() -> None:
     assert _triple("Viktor is allergic to peanuts and Brazil nuts.") == (
-        "Viktor", "is allergic to", "peanuts and Brazil nuts")
+        "Viktor",
+        "is allergic to",
+        "peanuts and Brazil nuts",
+    )
 
 
 def test_non_facts_are_skipped_when_other_sentences_are_facts() -> None:
@@ -235,8 +252,14 @@ def test_extract_fact_refuses_more_than_one_statement() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["Where does Viktor live?", "Does Viktor live in Oslo", "Is Anna a nurse",
-     "Viktor lives in Oslo?", "Will Viktor move to Oslo", "who is Anna"],
+    [
+        "Where does Viktor live?",
+        "Does Viktor live in Oslo",
+        "Is Anna a nurse",
+        "Viktor lives in Oslo?",
+        "Will Viktor move to Oslo",
+        "who is Anna",
+    ],
 )
 def test_questions_are_refused(text: str) -> None:
     assert "question" in _refusal(text)
@@ -244,9 +267,16 @@ def test_questions_are_refused(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["If Viktor lived in Oslo, he would be happy.", "Viktor might live in Oslo.",
-     "Viktor would live in Oslo.", "Suppose Viktor lives in Oslo.", "Imagine Anna is a pilot.",
-     "Viktor probably lives in Oslo.", "I think Viktor lives in Oslo.", "I'd live in Rome."],
+    [
+        "If Viktor lived in Oslo, he would be happy.",
+        "Viktor might live in Oslo.",
+        "Viktor would live in Oslo.",
+        "Suppose Viktor lives in Oslo.",
+        "Imagine Anna is a pilot.",
+        "Viktor probably lives in Oslo.",
+        "I think Viktor lives in Oslo.",
+        "I'd live in Rome.",
+    ],
 )
 def test_hypotheticals_are_refused(text: str) -> None:
     assert "hypotheticals are not stored" in _refusal(text)
@@ -254,9 +284,16 @@ def test_hypotheticals_are_refused(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["Viktor does not live in Oslo.", "Viktor doesn't live in Oslo.", "Viktor never lived here.",
-     "Viktor isn't a nurse.", "Viktor no longer lives in Oslo.", "Viktor has no siblings.",
-     "I don't drive.", "Nobody lives in Oslo."],
+    [
+        "Viktor does not live in Oslo.",
+        "Viktor doesn't live in Oslo.",
+        "Viktor never lived here.",
+        "Viktor isn't a nurse.",
+        "Viktor no longer lives in Oslo.",
+        "Viktor has no siblings.",
+        "I don't drive.",
+        "Nobody lives in Oslo.",
+    ],
 )
 def test_negations_are_refused(text: str) -> None:
     assert "negations are not stored" in _refusal(text)
@@ -278,8 +315,15 @@ def test_commands_are_refused(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["It is raining.", "The weather is nice today.", "viktor lives in oslo.", "We live in Rome.",
-     "My dog is named Rex.", "123 lives in Oslo.", "Remember that."],
+    [
+        "It is raining.",
+        "The weather is nice today.",
+        "viktor lives in oslo.",
+        "We live in Rome.",
+        "My dog is named Rex.",
+        "123 lives in Oslo.",
+        "Remember that.",
+    ],
 )
 def test_sentences_without_a_named_subject_are_refused(text: str) -> None:
     assert "no subject found" in _refusal(text)
@@ -377,8 +421,14 @@ def test_overlong_sentence_is_refused_as_too_long() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["a" * 10**5, "Viktor lives in Oslo. " * 5000, " ".join(["Aa"] * 50_000),
-     "(" * 10**5, "Dr. " * 25_000, ("and he " * 14_000)[:MAX_MESSAGE_CHARS]],
+    [
+        "a" * 10**5,
+        "Viktor lives in Oslo. " * 5000,
+        " ".join(["Aa"] * 50_000),
+        "(" * 10**5,
+        "Dr. " * 25_000,
+        ("and he " * 14_000)[:MAX_MESSAGE_CHARS],
+    ],
 )
 def test_huge_inputs_are_refused_quickly(text: str) -> None:
     started = time.perf_counter()
@@ -390,7 +440,9 @@ def test_huge_inputs_are_refused_quickly(text: str) -> None:
 def test_control_characters_do_not_hide_a_fact() -> None:
     facts = extract_facts("\x00Viktor\u200b lives in\x07 Oslo\u2028Anna\u00a0plays\tthe harp.")
     assert [(f.subject, f.relation, f.object) for f in facts] == [
-        ("Viktor", "lives in", "Oslo"), ("Anna", "plays the", "harp")]
+        ("Viktor", "lives in", "Oslo"),
+        ("Anna", "plays the", "harp"),
+    ]
 
 
 def _check(text: str, last_subject: str | None = None) -> None:
@@ -414,11 +466,64 @@ def test_arbitrary_text_returns_facts_or_raises_not_a_fact(
     _check(text, last_subject)
 
 
-_VOCAB = ["Viktor", "Anna Berg", "He", "she", "They", "I", "I'm", "You", "My", "sister", "lives",
-          "in", "Oslo", "works", "as", "a", "an", "the", "named", "dog", "has", "is", "was", "born",
-          "not", "never", "might", "if", "and", "but", "?", ".", "!", ",", "'s", "Remember that",
-          "FYI", "\x00", "\n", "\u200b", "Zoë", "van", "al-Sayed", "O'Brien", "Dr.", "Will", "May",
-          "what", "does", "to", "up", "been", "named", "called", "Tell", "me"]
+_VOCAB = [
+    "Viktor",
+    "Anna Berg",
+    "He",
+    "she",
+    "They",
+    "I",
+    "I'm",
+    "You",
+    "My",
+    "sister",
+    "lives",
+    "in",
+    "Oslo",
+    "works",
+    "as",
+    "a",
+    "an",
+    "the",
+    "named",
+    "dog",
+    "has",
+    "is",
+    "was",
+    "born",
+    "not",
+    "never",
+    "might",
+    "if",
+    "and",
+    "but",
+    "?",
+    ".",
+    "!",
+    ",",
+    "'s",
+    "Remember that",
+    "FYI",
+    "\x00",
+    "\n",
+    "\u200b",
+    "Zoë",
+    "van",
+    "al-Sayed",
+    "O'Brien",
+    "Dr.",
+    "Will",
+    "May",
+    "what",
+    "does",
+    "to",
+    "up",
+    "been",
+    "named",
+    "called",
+    "Tell",
+    "me",
+]
 
 
 @settings(max_examples=400, deadline=None)
@@ -467,9 +572,24 @@ def test_unknown_relations_get_grammatical_generic_questions(relation: str, expe
     assert expected in questions_for("Viktor", relation)
 
 
-RELATIONS = [*BENCH_QUESTIONS, "speaks", "works at", "studied", "drives a", "is from",
-             "is married to", "is named", "likes", "grew up in", "moved to", "is a", "has",
-             "has a cat named", "is based in", ""]
+RELATIONS = [
+    *BENCH_QUESTIONS,
+    "speaks",
+    "works at",
+    "studied",
+    "drives a",
+    "is from",
+    "is married to",
+    "is named",
+    "likes",
+    "grew up in",
+    "moved to",
+    "is a",
+    "has",
+    "has a cat named",
+    "is based in",
+    "",
+]
 
 
 @pytest.mark.parametrize("relation", RELATIONS)

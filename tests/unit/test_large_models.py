@@ -72,7 +72,9 @@ def checkpoint(tokenizer, tmp_path_factory):
 
 def _engine(backend: TorchBackend, folder, state) -> Engine:
     source = resolve(str(folder))
-    source = type(source)(preset=with_edit(source.preset, layers=EDIT, cov_tokens=1024), path=folder)
+    source = type(source)(
+        preset=with_edit(source.preset, layers=EDIT, cov_tokens=1024), path=folder
+    )
     return Engine(backend, source, StateFolder.open(state))
 
 
@@ -178,7 +180,9 @@ def test_a_folder_written_through_the_bf16_path_opens_on_mlx(checkpoint, written
     from sleeptui.backends.mlx_backend import MLXBackend
 
     _, fingerprint, ids, expected = written_in_bf16
-    on_mlx = _engine(MLXBackend.from_folder(checkpoint), checkpoint, _copied(written_in_bf16, tmp_path))
+    on_mlx = _engine(
+        MLXBackend.from_folder(checkpoint), checkpoint, _copied(written_in_bf16, tmp_path)
+    )
     assert on_mlx.fingerprint == fingerprint
     assert [m.id for m in on_mlx.memories] == ids
     for layer in EDIT:

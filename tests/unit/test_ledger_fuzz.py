@@ -27,7 +27,9 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -37,7 +39,9 @@ def _valid_doc() -> dict:
         Memory.new(Fact("Ada Lind", "lives in", "Oslo", questions=("Where does Ada Lind live?",))),
         Memory.new(Fact("Bo Strand", "plays the", "cello")).with_event("audited", ok=True),
     ]
-    return json.loads(Ledger(FP, "tiny", tuple(memories), last_sleep_at=None, ppl_base=12.5).to_json())
+    return json.loads(
+        Ledger(FP, "tiny", tuple(memories), last_sleep_at=None, ppl_base=12.5).to_json()
+    )
 
 
 def _load(text) -> Ledger | None:
@@ -91,10 +95,25 @@ def wrong_ledgers(draw) -> str:
             parent = parent[key]
         action = draw(st.sampled_from(["replace", "delete", "add"]))
         if action == "replace":
-            parent[path[-1]] = draw(json_values | st.sampled_from(
-                ["../x", "/etc/passwd", "deltas/../../x.safetensors", "deltas/a/b.safetensors",
-                 "deltas/.safetensors", "deltas/a.safetensors\0", "a" * 65, 1e308, -1, 2, True, float("nan")]
-            ))
+            parent[path[-1]] = draw(
+                json_values
+                | st.sampled_from(
+                    [
+                        "../x",
+                        "/etc/passwd",
+                        "deltas/../../x.safetensors",
+                        "deltas/a/b.safetensors",
+                        "deltas/.safetensors",
+                        "deltas/a.safetensors\0",
+                        "a" * 65,
+                        1e308,
+                        -1,
+                        2,
+                        True,
+                        float("nan"),
+                    ]
+                )
+            )
         elif action == "delete" and isinstance(parent, dict):
             del parent[path[-1]]
         elif action == "delete":
@@ -155,8 +174,11 @@ def test_any_bytes_as_ledger_json_read_or_raise_a_state_error(data, keep_backups
 
 
 @settings(max_examples=100, deadline=None)
-@given(cut=st.integers(0, 2000), flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 255)), max_size=4),
-       keep_backups=st.booleans())
+@given(
+    cut=st.integers(0, 2000),
+    flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 255)), max_size=4),
+    keep_backups=st.booleans(),
+)
 def test_any_damaged_delta_reads_or_raises_a_state_error(cut, flips, keep_backups):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "s"
@@ -180,7 +202,11 @@ def test_any_damaged_delta_reads_or_raises_a_state_error(cut, flips, keep_backup
 
 
 @FUZZ
-@given(st.dictionaries(st.text(max_size=40), st.sampled_from([(8, 1), (1, 12), (8, 2), (3,), (0, 12)]), max_size=3))
+@given(
+    st.dictionaries(
+        st.text(max_size=40), st.sampled_from([(8, 1), (1, 12), (8, 2), (3,), (0, 12)]), max_size=3
+    )
+)
 def test_a_delta_with_any_tensors_reads_or_raises_a_state_error(tensors):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "s"
@@ -188,11 +214,17 @@ def test_a_delta_with_any_tensors_reads_or_raises_a_state_error(tensors):
         shutil.rmtree(root / "backups")
         arrays = {k: np.ones(shape, np.float32) for k, shape in tensors.items()}
         meta = {"format": "sleeptui-delta/1", "memory_id": memory.id, "fingerprint": FP}
-        (root / memory.delta).write_bytes(save(arrays, metadata=meta) if arrays else encode({}, memory.id, FP, "t"))
+        (root / memory.delta).write_bytes(
+            save(arrays, metadata=meta) if arrays else encode({}, memory.id, FP, "t")
+        )
         with StateFolder.open(root) as folder:
             try:
                 factors = folder.read_delta(folder.ledger(FP, "tiny").get(memory.id), SHAPES)
             except StateError:
                 return
             for u, v in factors.values():
-                assert u.shape[0] == SHAPES.d_model and v.shape[1] == SHAPES.d_ff and u.shape[1] == v.shape[0]
+                assert (
+                    u.shape[0] == SHAPES.d_model
+                    and v.shape[1] == SHAPES.d_ff
+                    and u.shape[1] == v.shape[0]
+                )

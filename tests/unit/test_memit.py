@@ -22,7 +22,9 @@ def test_woodbury_solve_equals_direct_solve(rng):
     c = _covariance(rng)
     keys = rng.normal(size=(D_IN, 5))
     residual = rng.normal(size=(D_OUT, 5))
-    via_woodbury = residual @ memit.solve_update(keys, memit.inverse_covariance(c, ridge=0), lam=0.1)
+    via_woodbury = residual @ memit.solve_update(
+        keys, memit.inverse_covariance(c, ridge=0), lam=0.1
+    )
     direct = memit.direct_update(keys, residual, c, lam=0.1)
     np.testing.assert_allclose(via_woodbury, direct, rtol=1e-8, atol=1e-10)
 

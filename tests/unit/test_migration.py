@@ -31,8 +31,11 @@ def v1_folder(tmp_path) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in (".lock", ".holder")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (".lock", ".holder")
+    }
 
 
 def _assert_intact(folder: StateFolder, ledger: Ledger) -> None:

@@ -22,7 +22,12 @@ from sleeptui.backends.torch_backend import TorchBackend, _ShiftPass  # noqa: E4
 
 LAYER = 1  # δ at the output of decoder layer 1 of 4
 CFG = SimpleNamespace(
-    v_lr=0.5, v_steps=6, kl_factor=0.5, weight_decay=0.5, clamp_norm=0.8, v_loss_stop=0.0,
+    v_lr=0.5,
+    v_steps=6,
+    kl_factor=0.5,
+    weight_decay=0.5,
+    clamp_norm=0.8,
+    v_loss_stop=0.0,
     v_bf16=False,
 )
 
@@ -218,7 +223,12 @@ def test_real_shift_makes_the_target_likely_as_torch_does(fresh_model, real_mlx)
     r = render(real_mlx, fact, ("",), chat=False, chat_keys=False)  # mlx's CPU BLAS is slow
     problem = ShiftProblem(layer=7, renderings=r.targets, kl_renderings=r.kl)
     cfg = SimpleNamespace(
-        v_lr=0.5, v_steps=20, kl_factor=0.0625, weight_decay=0.5, clamp_norm=4.0, v_loss_stop=0.05,
+        v_lr=0.5,
+        v_steps=20,
+        kl_factor=0.0625,
+        weight_decay=0.5,
+        clamp_norm=4.0,
+        v_loss_stop=0.05,
         v_bf16=False,
     )
     result = real_mlx.optimise_shift(problem, cfg)

@@ -20,7 +20,9 @@ from sleeptui.sleep import expose, stack_factors, within_tolerance
 
 
 def memory(name: str) -> Memory:
-    return Memory.new(Fact(name, "lives in", "Oslo", f"{name} lives in", (f"Where does {name} live?",)))
+    return Memory.new(
+        Fact(name, "lives in", "Oslo", f"{name} lives in", (f"Where does {name} live?",))
+    )
 
 
 @dataclass
@@ -47,7 +49,9 @@ class LeaningEngine:
 def test_reverting_a_degraded_memory_exposes_the_healthy_ones_that_leaned_on_it():
     a, b, c, d = (memory(n) for n in ("Aino", "Bruno", "Chiara", "Dmitri"))
     # B needs A's delta; C needs B's; D stands alone.
-    engine = LeaningEngine({"Aino", "Bruno", "Chiara", "Dmitri"}, {"Bruno": "Aino", "Chiara": "Bruno"})
+    engine = LeaningEngine(
+        {"Aino", "Bruno", "Chiara", "Dmitri"}, {"Bruno": "Aino", "Chiara": "Bruno"}
+    )
     healthy, exposed = expose(engine, [b, c, d], [a])
     assert [m.subject for m in exposed] == ["Bruno", "Chiara"]  # C falls once B is reverted
     assert [m.subject for m in healthy] == ["Dmitri"]

@@ -33,7 +33,9 @@ OTHER_FP = "0" * 64
 
 def _factors(seed=0):
     rng = np.random.default_rng(seed)
-    return {1: (rng.normal(size=(8, 1)).astype(np.float32), rng.normal(size=(1, 12)).astype(np.float32))}
+    return {
+        1: (rng.normal(size=(8, 1)).astype(np.float32), rng.normal(size=(1, 12)).astype(np.float32))
+    }
 
 
 def _commit_one(folder, fact=None, seed=0):
@@ -58,7 +60,9 @@ def _assert_reads(root: Path, memories, read_only=True):
         ledger = folder.ledger(FP, "tiny")
         assert [m.id for m in ledger.memories] == [m.id for m in memories]
         for n, m in enumerate(memories):
-            np.testing.assert_array_equal(folder.read_delta(ledger.get(m.id), SHAPES)[1][0], _factors(n)[1][0])
+            np.testing.assert_array_equal(
+                folder.read_delta(ledger.get(m.id), SHAPES)[1][0], _factors(n)[1][0]
+            )
         return folder.warnings
 
 
@@ -122,9 +126,13 @@ def test_committed_journal_is_finished_on_open(tmp_path):
     txn = root / ".txn"
     txn.mkdir()
     (txn / "ledger.json").write_text(ledger.to_json())
-    save_file({"model.layers.1.mlp.down_proj.weight.u": _factors(1)[1][0],
-               "model.layers.1.mlp.down_proj.weight.v": _factors(1)[1][1]},
-              str(txn / f"{second.id}.safetensors"))
+    save_file(
+        {
+            "model.layers.1.mlp.down_proj.weight.u": _factors(1)[1][0],
+            "model.layers.1.mlp.down_proj.weight.v": _factors(1)[1][1],
+        },
+        str(txn / f"{second.id}.safetensors"),
+    )
     moves = {"ledger.json": "ledger.json", f"{second.id}.safetensors": second.delta}
     (txn / "COMMIT").write_text(json.dumps({"moves": moves, "deletes": []}))
     with StateFolder.open(root) as folder:
@@ -163,13 +171,17 @@ def test_a_commit_that_fails_to_write_changes_nothing_and_says_why(tmp_path, mon
             real(path, data)
 
         monkeypatch.setattr(journal, "write_file", fail_on_third)
-        with pytest.raises(StateError, match="read-only file system.*nothing was changed.*--read-only"):
+        with pytest.raises(
+            StateError, match="read-only file system.*nothing was changed.*--read-only"
+        ):
             _commit_one(folder, Fact("Bo Strand", "plays the", "cello"), seed=1)
     assert _files(root) == before
     _assert_reads(root, [first])
 
 
-def test_a_commit_whose_files_cannot_be_moved_yet_is_kept_and_completed_later(tmp_path, monkeypatch):
+def test_a_commit_whose_files_cannot_be_moved_yet_is_kept_and_completed_later(
+    tmp_path, monkeypatch
+):
     root = tmp_path / "s"
     real = journal.apply
 
@@ -181,7 +193,9 @@ def test_a_commit_whose_files_cannot_be_moved_yet_is_kept_and_completed_later(tm
         memory = _commit_one(folder)  # past the commit point: it returns, and says so
         assert any("could not yet be moved into place" in w for w in folder.warnings)
         assert (root / ".txn" / "COMMIT").exists()
-        with pytest.raises(StateError, match="could not yet be moved into place; nothing more was written"):
+        with pytest.raises(
+            StateError, match="could not yet be moved into place; nothing more was written"
+        ):
             _commit_one(folder, Fact("Bo Strand", "plays the", "cello"), seed=1)
         monkeypatch.setattr(journal, "apply", real)
         assert [m.id for m in folder.ledger(FP, "tiny").memories] == [memory.id]
@@ -207,7 +221,9 @@ def test_a_forgotten_memory_leaves_the_folder_backups_included(two_memories):
     root, (first, second) = two_memories
 
     def holding(text: str) -> list[str]:
-        return [name for name, data in _files(root).items() if text.encode() in data or text in name]
+        return [
+            name for name, data in _files(root).items() if text.encode() in data or text in name
+        ]
 
     assert holding("Ada Lind") and holding(first.id)
     with StateFolder.open(root) as folder:
@@ -218,7 +234,9 @@ def test_a_forgotten_memory_leaves_the_folder_backups_included(two_memories):
         assert sorted(p.name for p in (root / "backups").glob("ledger.*")) == ["ledger.3.json"]
         for n in range(3):
             _commit_one(folder, Fact(f"Person {n}", "lives in", "Oslo"), seed=n)
-    assert sorted(p.name for p in (root / "backups").glob("ledger.*")) == [f"ledger.{g}.json" for g in (4, 5, 6)]
+    assert sorted(p.name for p in (root / "backups").glob("ledger.*")) == [
+        f"ledger.{g}.json" for g in (4, 5, 6)
+    ]
     assert holding("Bo Strand")
 
 
@@ -241,7 +259,9 @@ def test_a_reader_keeps_reading_its_generation_while_a_writer_refreshes_a_delta(
     old = reader.ledger(FP, "tiny")
     with StateFolder.open(root) as writer:
         writer.commit(writer.ledger(FP, "tiny"), {first.id: _factors(7)})  # a refresh
-    np.testing.assert_array_equal(reader.read_delta(old.get(first.id), SHAPES)[1][0], _factors(0)[1][0])
+    np.testing.assert_array_equal(
+        reader.read_delta(old.get(first.id), SHAPES)[1][0], _factors(0)[1][0]
+    )
 
 
 # -- a damaged ledger --------------------------------------------------------------------------
@@ -253,8 +273,10 @@ def test_truncated_ledger_falls_back_to_the_newest_backup_keeping_the_bad_file(t
     damaged = good[: len(good) // 2]
     (root / "ledger.json").write_bytes(damaged)
     warnings = _assert_reads(root, memories, read_only=False)
-    assert any(f"{root / 'ledger.json'} is not valid JSON" in w and "no committed change was lost" in w
-               for w in warnings)
+    assert any(
+        f"{root / 'ledger.json'} is not valid JSON" in w and "no committed change was lost" in w
+        for w in warnings
+    )
     [aside] = root.glob("ledger.json.corrupt-*")
     assert aside.read_bytes() == damaged
     assert any(aside.name in w for w in warnings)
@@ -267,7 +289,9 @@ def test_damaged_ledger_opened_read_only_reads_the_backup_and_writes_nothing(two
     (root / "ledger.json").write_text('{"schema_version": 2, "memor')
     before = _files(root)
     warnings = _assert_reads(root, memories)
-    assert any("ledger.json is not valid JSON" in w and "backups/ledger.2.json" in w for w in warnings)
+    assert any(
+        "ledger.json is not valid JSON" in w and "backups/ledger.2.json" in w for w in warnings
+    )
     assert _files(root) == before
 
 
@@ -296,16 +320,22 @@ def test_missing_ledger_with_backups_is_restored_not_started_afresh(two_memories
     assert (root / "ledger.json").exists()
 
 
-def test_when_the_newest_backup_is_damaged_too_an_older_one_is_used_and_the_loss_is_said(two_memories):
+def test_when_the_newest_backup_is_damaged_too_an_older_one_is_used_and_the_loss_is_said(
+    two_memories,
+):
     root, (first, second) = two_memories
     (root / "ledger.json").write_text("garbage")
     (root / "backups" / "ledger.2.json").write_text("garbage")
     with StateFolder.open(root) as folder:
         assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id]
-        np.testing.assert_array_equal(folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)[1][0],
-                                      _factors(0)[1][0])
-        assert any("backups/ledger.1.json" in w and "the 1 commit(s) after it are lost" in w
-                   for w in folder.warnings)
+        np.testing.assert_array_equal(
+            folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)[1][0],
+            _factors(0)[1][0],
+        )
+        assert any(
+            "backups/ledger.1.json" in w and "the 1 commit(s) after it are lost" in w
+            for w in folder.warnings
+        )
     assert (root / second.delta).exists()  # its delta is not deleted: nothing more is lost
 
 
@@ -314,7 +344,10 @@ def test_damaged_ledger_without_backups_is_a_clear_error_and_nothing_is_lost(two
     shutil.rmtree(root / "backups")
     (root / "ledger.json").write_text('{"schema_version": 2, "memor')
     before = _files(root)
-    with StateFolder.open(root) as folder, pytest.raises(StateError, match="ledger.json is not valid JSON"):
+    with (
+        StateFolder.open(root) as folder,
+        pytest.raises(StateError, match="ledger.json is not valid JSON"),
+    ):
         folder.ledger(FP, "tiny")
     assert _files(root) == before
 
@@ -324,7 +357,10 @@ def test_ledger_from_a_newer_schema_is_refused_not_replaced_by_a_backup(two_memo
     doc = json.loads((root / "ledger.json").read_text())
     (root / "ledger.json").write_text(json.dumps({**doc, "schema_version": SCHEMA_VERSION + 1}))
     before = _files(root)
-    with StateFolder.open(root) as folder, pytest.raises(SchemaTooNew, match="newer sleeptui .* Upgrade sleeptui"):
+    with (
+        StateFolder.open(root) as folder,
+        pytest.raises(SchemaTooNew, match="newer sleeptui .* Upgrade sleeptui"),
+    ):
         folder.ledger(FP, "tiny")
     assert _files(root) == before
 
@@ -357,10 +393,15 @@ def test_delta_of_another_model_is_refused_naming_that_model(two_memories):
     before = _files(root)
     with StateFolder.open(root) as folder:
         ledger = folder.ledger(FP, "tiny")
-        with pytest.raises(FingerprintMismatch, match=f"{first.id}.safetensors belongs to another model "
-                                                       r"\('smollm2-360m', fingerprint 000000000000\)"):
+        with pytest.raises(
+            FingerprintMismatch,
+            match=f"{first.id}.safetensors belongs to another model "
+            r"\('smollm2-360m', fingerprint 000000000000\)",
+        ):
             folder.read_delta(ledger.get(first.id), SHAPES)
-        np.testing.assert_array_equal(folder.read_delta(ledger.get(second.id), SHAPES)[1][0], _factors(1)[1][0])
+        np.testing.assert_array_equal(
+            folder.read_delta(ledger.get(second.id), SHAPES)[1][0], _factors(1)[1][0]
+        )
     assert _files(root) == before
 
 
@@ -369,8 +410,10 @@ def test_delta_of_another_model_is_replaced_by_the_committed_copy_and_kept_aside
     foreign = _other_models_delta(memories[0])
     (root / memories[0].delta).write_bytes(foreign)
     warnings = _assert_reads(root, memories, read_only=False)
-    assert any("belongs to another model ('smollm2-360m'" in w and "restored from its committed copy" in w
-               for w in warnings)
+    assert any(
+        "belongs to another model ('smollm2-360m'" in w and "restored from its committed copy" in w
+        for w in warnings
+    )
     [aside] = (root / "deltas").glob("*.corrupt-*")
     assert aside.read_bytes() == foreign
 
@@ -379,16 +422,25 @@ def test_delta_of_another_memory_is_refused(two_memories):
     root, (first, second) = two_memories
     shutil.rmtree(root / "backups")
     shutil.copy(root / second.delta, root / first.delta)
-    with StateFolder.open(root) as folder, pytest.raises(StateError, match=f"delta of memory '{second.id}', not of {first.id}"):
+    with (
+        StateFolder.open(root) as folder,
+        pytest.raises(StateError, match=f"delta of memory '{second.id}', not of {first.id}"),
+    ):
         folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)
 
 
 def test_delta_with_unexpected_tensor_is_refused(two_memories):
     root, (first, _) = two_memories
     shutil.rmtree(root / "backups")
-    save_file({"lm_head.weight": np.zeros((2, 2), np.float32)}, str(root / first.delta),
-              metadata={"format": "sleeptui-delta/1", "memory_id": first.id, "fingerprint": FP})
-    with StateFolder.open(root) as folder, pytest.raises(StateError, match="unexpected tensor 'lm_head.weight'"):
+    save_file(
+        {"lm_head.weight": np.zeros((2, 2), np.float32)},
+        str(root / first.delta),
+        metadata={"format": "sleeptui-delta/1", "memory_id": first.id, "fingerprint": FP},
+    )
+    with (
+        StateFolder.open(root) as folder,
+        pytest.raises(StateError, match="unexpected tensor 'lm_head.weight'"),
+    ):
         folder.read_delta(folder.ledger(FP, "tiny").get(first.id), SHAPES)
 
 
@@ -438,7 +490,9 @@ def test_truncated_delta_without_a_good_copy_is_a_clear_error_and_nothing_is_los
     before = _files(root)
     with StateFolder.open(root) as folder:
         ledger = folder.ledger(FP, "tiny")
-        with pytest.raises(StateError, match=f"delta of memory {first.id} .* missing or damaged too"):
+        with pytest.raises(
+            StateError, match=f"delta of memory {first.id} .* missing or damaged too"
+        ):
             folder.read_delta(ledger.get(first.id), SHAPES)
         folder.read_delta(ledger.get(second.id), SHAPES)
     assert _files(root) == before
@@ -537,8 +591,10 @@ def test_a_full_disk_changes_nothing_whatever_step_it_stops(tiny_disk):
                 _fill(tiny_disk, leave)
 
         failures = _commit_as_room_grows(
-            folder, lambda: folder.commit(ledger.upsert(second), {second.id: big}),
-            squeeze, range(0, 80_000, 4096),
+            folder,
+            lambda: folder.commit(ledger.upsert(second), {second.id: big}),
+            squeeze,
+            range(0, 80_000, 4096),
         )
         assert failures >= 3  # it failed at several steps of staging before it fit
         assert [m.id for m in folder.ledger(FP, "tiny").memories] == [first.id, second.id]
@@ -577,8 +633,10 @@ def test_running_out_of_room_at_any_byte_of_a_commit_changes_nothing(tmp_path, d
         ledger = folder.ledger(FP, "tiny")
         second = Memory.new(Fact("Bo Strand", "plays the", "cello"))
         failures = _commit_as_room_grows(
-            folder, lambda: folder.commit(ledger.upsert(second), {second.id: big}),
-            lambda room: disk_budget.__setitem__(0, room), range(0, 200_000, 1500),
+            folder,
+            lambda: folder.commit(ledger.upsert(second), {second.id: big}),
+            lambda room: disk_budget.__setitem__(0, room),
+            range(0, 200_000, 1500),
         )
         assert failures >= 5  # it ran out at several steps of staging before it fit
     with StateFolder.open(root) as folder:
@@ -611,6 +669,7 @@ def refusing_view(tmp_path, monkeypatch):
             if writing(*args, **kwargs):
                 refuse(path)
             return real(path, *args, **kwargs)
+
         return call
 
     for name in ("mkdir", "chmod", "replace", "rename", "unlink", "rmdir"):
@@ -628,7 +687,9 @@ def test_a_read_only_file_system_is_refused_at_open_but_reads_with_read_only(vie
     with StateFolder.open(source / "s") as folder:
         memory = _commit_one(folder)
     before = _files(source / "s")
-    with pytest.raises(StateError, match="is on a read-only file system.* Open it with --read-only"):
+    with pytest.raises(
+        StateError, match="is on a read-only file system.* Open it with --read-only"
+    ):
         StateFolder.open(view / "s")
     _assert_reads(view / "s", [memory])
     assert _files(source / "s") == before
@@ -646,20 +707,29 @@ def test_read_only_open_of_a_missing_folder_creates_nothing(tmp_path):
 def test_second_process_is_told_who_holds_the_folder(tmp_path):
     root = tmp_path / "s"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from sleeptui.state import StateFolder
             f = StateFolder.open(__import__('pathlib').Path({str(root)!r}))
             print('ready', flush=True)
             sys.stdin.readline()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(StateLocked, match=f"process {holder.pid}"):
             StateFolder.open(root)
-        with StateFolder.open(root, read_only=True) as ro, pytest.raises(StateError, match="read-only"):
+        with (
+            StateFolder.open(root, read_only=True) as ro,
+            pytest.raises(StateError, match="read-only"),
+        ):
             ro.commit(ro.ledger(FP, "tiny"), {})
     finally:
         holder.stdin.close()
@@ -672,10 +742,14 @@ def test_second_process_is_told_who_holds_the_folder(tmp_path):
 def test_a_lock_left_by_a_killed_process_is_recovered(tmp_path):
     root = tmp_path / "s"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         f"from sleeptui.state import StateFolder; import pathlib, time; "
-         f"StateFolder.open(pathlib.Path({str(root)!r})); print('ready', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"from sleeptui.state import StateFolder; import pathlib, time; "
+            f"StateFolder.open(pathlib.Path({str(root)!r})); print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "ready"
     holder.kill()

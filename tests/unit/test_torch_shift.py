@@ -71,7 +71,11 @@ def _naive_log_probs(backend: TorchBackend, problem: ShiftProblem, delta: torch.
         hook.remove()
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.stack(
-        [logp[i, p - 1, r.ids[p]] for i, r in enumerate(problem.renderings) for p in r.target_positions]
+        [
+            logp[i, p - 1, r.ids[p]]
+            for i, r in enumerate(problem.renderings)
+            for p in r.target_positions
+        ]
     )
     n = len(problem.renderings)
     kl = torch.stack([logp[n + i, len(r.ids) - 1] for i, r in enumerate(problem.kl_renderings)])
@@ -107,7 +111,12 @@ def test_optimise_shift_matches_naive_loop(shares) -> None:
     backend = _backend("sdpa")
     problem = replace(_problem(), shares=shares)
     cfg = SimpleNamespace(
-        v_lr=0.5, v_steps=6, kl_factor=0.5, weight_decay=0.5, clamp_norm=0.8, v_loss_stop=0.0,
+        v_lr=0.5,
+        v_steps=6,
+        kl_factor=0.5,
+        weight_decay=0.5,
+        clamp_norm=0.8,
+        v_loss_stop=0.0,
         v_bf16=False,
     )
     result = backend.optimise_shift(problem, cfg)
@@ -142,7 +151,9 @@ def test_optimise_shift_matches_naive_loop(shares) -> None:
     assert result.steps == cfg.v_steps
     assert result.loss == pytest.approx(nll, rel=1e-4)
     torch.testing.assert_close(torch.from_numpy(result.delta), delta.detach(), atol=1e-4, rtol=1e-4)
-    assert float(delta.detach().norm()) == pytest.approx(cfg.clamp_norm * float(h_norm), rel=1e-4)  # clamp was hit
+    assert float(delta.detach().norm()) == pytest.approx(
+        cfg.clamp_norm * float(h_norm), rel=1e-4
+    )  # clamp was hit
 
 
 def test_a_bfloat16_pass_follows_the_float32_one_and_leaves_the_model_alone() -> None:
@@ -212,7 +223,9 @@ def _naive_h_norm(backend: TorchBackend, problem: ShiftProblem) -> torch.Tensor:
     norms = []
     with torch.no_grad():
         for r in problem.renderings + problem.kl_renderings:
-            hs = backend.model(input_ids=torch.tensor([r.ids]), output_hidden_states=True).hidden_states
+            hs = backend.model(
+                input_ids=torch.tensor([r.ids]), output_hidden_states=True
+            ).hidden_states
             norms += [hs[problem.layer + 1][0, p].norm() for p in r.subject_positions]
     return torch.stack(norms).mean()
 
@@ -247,5 +260,7 @@ def test_probe_matches_full_forward(budget: int, monkeypatch) -> None:
             got[layer] += [seen[layer][p] for p in ps]
         want_hidden += [out.hidden_states[2][0, p] for p in ps]
     for layer in (0, 2):
-        torch.testing.assert_close(torch.tensor(keys[layer]), torch.stack(got[layer]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(keys[layer]), torch.stack(got[layer]), atol=1e-5, rtol=1e-4
+        )
     torch.testing.assert_close(torch.tensor(hidden), torch.stack(want_hidden), atol=1e-5, rtol=1e-4)

@@ -23,8 +23,18 @@ from sleeptui.facts import Fact
 HERE = Path(__file__).resolve().parent
 FACTS = [
     Fact("Ilse Vandermolen", "lives in", "Ghent", questions=("Where does Ilse Vandermolen live?",)),
-    Fact("Tomasz Wierzbicki", "plays the", "bassoon", questions=("Which instrument does Tomasz Wierzbicki play?",)),
-    Fact("Yuki Haraldsen", "works as a", "cartographer", questions=("What does Yuki Haraldsen do for a living?",)),
+    Fact(
+        "Tomasz Wierzbicki",
+        "plays the",
+        "bassoon",
+        questions=("Which instrument does Tomasz Wierzbicki play?",),
+    ),
+    Fact(
+        "Yuki Haraldsen",
+        "works as a",
+        "cartographer",
+        questions=("What does Yuki Haraldsen do for a living?",),
+    ),
 ]
 
 
@@ -33,22 +43,34 @@ def main() -> None:
         engine = Engine.open(state=scratch)
         try:
             for fact in FACTS:
-                assert fact.object not in engine.complete(fact.prompt), f"the base model knows {fact}"
+                assert fact.object not in engine.complete(fact.prompt), (
+                    f"the base model knows {fact}"
+                )
             memories = engine.remember(FACTS)
             for m in memories:
                 assert m.object in engine.complete(m.prompt), f"{m.text} is not recalled"
             doc = json.loads(engine.ledger.to_json())
         finally:
             engine.close()
-        v1 = {"schema_version": 1, "fingerprint": doc["fingerprint"], "model": doc["model"],
-              "memories": doc["memories"]}
+        v1 = {
+            "schema_version": 1,
+            "fingerprint": doc["fingerprint"],
+            "model": doc["model"],
+            "memories": doc["memories"],
+        }
         shutil.rmtree(HERE / "deltas", ignore_errors=True)
         (HERE / "deltas").mkdir()
         for m in memories:
             tensors = load_file(str(Path(scratch) / m.delta))
-            meta = {"format": "sleeptui-delta/1", "memory_id": m.id, "fingerprint": doc["fingerprint"]}
+            meta = {
+                "format": "sleeptui-delta/1",
+                "memory_id": m.id,
+                "fingerprint": doc["fingerprint"],
+            }
             save_file(tensors, str(HERE / m.delta), metadata=meta)
-    (HERE / "ledger.json").write_text(json.dumps(v1, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (HERE / "ledger.json").write_text(
+        json.dumps(v1, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":
