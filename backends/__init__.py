@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the backends never import the engine's modules
+    from sleeptui.adapter import Adapter, LoraSettings
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class Backend(Protocol):
 
     def stream(
         self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str]:
         """Greedy generation, yielding text pieces as they are decoded; ``stop`` ends it."""
         ...
 
@@ -204,19 +207,19 @@ class Backend(Protocol):
     def train_lora(
         self,
         examples: Sequence[Rendering],
-        settings: object,
-        init: object | None = None,
-        progress: object | None = None,
+        settings: LoraSettings,
+        init: Adapter | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
         cancel: threading.Event | None = None,
         anchor: Sequence[Rendering] = (),
-    ) -> object:
+    ) -> Adapter:
         """Train a LoRA adapter (peft) on the examples' target tokens, holding the model's
         next-token distribution on ``anchor``'s target positions to what it was before (KL);
         the model is left as it was. Returns a :class:`sleeptui.adapter.Adapter` (``init``
         warm-starts it)."""
         ...
 
-    def to_device(self, a: np.ndarray, layer: int) -> object:
+    def to_device(self, a: np.ndarray, layer: int) -> Any:
         """``a`` as a float64 array where the MEMIT algebra of ``layer`` runs best: a NumPy
         array on the CPU, or a tensor on the GPU that holds the layer (see sleeptui.memit)."""
         ...

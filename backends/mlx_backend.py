@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -82,7 +83,7 @@ class LowRankBeside(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        if self.u is None:
+        if self.u is None or self.v is None:
             return y
         return y + ((x.astype(mx.float32) @ self.v.T) @ self.u.T).astype(y.dtype)
 
@@ -91,7 +92,7 @@ def _dense(mod: nn.Module) -> mx.array:
     """A linear module's effective weight in float32."""
     if isinstance(mod, LowRankBeside):
         w = _dense(mod.base)
-        return w if mod.u is None else w + mod.u @ mod.v
+        return w if mod.u is None or mod.v is None else w + mod.u @ mod.v
     if isinstance(mod, nn.QuantizedLinear):
         biases = mod.get("biases")
         return mx.dequantize(
@@ -138,7 +139,9 @@ class MLXBackend:
 
         The tokenizer is converted from the GGUF by transformers once and kept in ``cache``.
         """
-        weights, meta = mx.load(str(path), return_metadata=True)
+        weights, meta = cast(
+            tuple[dict[str, mx.array], dict[str, Any]], mx.load(str(path), return_metadata=True)
+        )
         model = _gguf_model(weights, meta)
         folder = cache / "mlx" / _file_key(path)
         if not (folder / "tokenizer_config.json").exists():
@@ -174,7 +177,7 @@ class MLXBackend:
 
     def stream(
         self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str]:
         cache = kv_cache.make_prompt_cache(self.model)
         inp = mx.array([list(ids)])
         out: list[int] = []
@@ -236,7 +239,7 @@ class MLXBackend:
         rows: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         for _ in range(max_new_tokens):
-            nxt = pick(self.model(ids, cache=cache)[:, -1]).tolist()
+            nxt = cast(list[int], pick(self.model(ids, cache=cache)[:, -1]).tolist())
             for i, t in enumerate(nxt):
                 if not done[i]:
                     rows[i].append(t)
@@ -272,7 +275,11 @@ class MLXBackend:
             for layer in key_layers:
                 self._down_proj(layer).tap = lambda k, layer=layer, at=at: keys[layer].append(at(k))
             try:
-                h = self.model.model.embed_tokens(ids) if start == 0 else resume.inputs[b, start]
+                h = (
+                    resume.inputs[b, start]
+                    if resume is not None and start
+                    else self.model.model.embed_tokens(ids)
+                )
                 for layer in range(start, last + 1):
                     if resume is not None:
                         resume.inputs[b, layer] = h
@@ -447,7 +454,7 @@ class MLXBackend:
     def clone(self) -> MLXBackend | None:
         """A copy sharing every array with this model: MLX arrays are immutable and edits
         replace a layer's weight, so the copy costs memory only for the layers it changes."""
-        params = tree_flatten(self.model.parameters())
+        params = cast(list[tuple[str, mx.array]], tree_flatten(self.model.parameters()))
         if sum(a.nbytes for _, a in params) > CLONE_LIMIT:
             return None
         memo = {id(a): a for _, a in params}
@@ -616,7 +623,7 @@ class _PrefixKV:
         if self.record_into is not None:
             self.record_into.keys, self.record_into.values = keys, values
             return keys, values
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             return keys, values
         keys = mx.concatenate([self.keys, keys], axis=2)
         values = mx.concatenate([self.values, values], axis=2)

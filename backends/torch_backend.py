@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,13 @@ from sleeptui.backends import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+if TYPE_CHECKING:
+    from sleeptui.adapter import Adapter, LoraSettings
+
+# A Hugging Face model or one of its modules. Their parts are reached by attribute
+# (model.model.layers[4].mlp.down_proj), which torch types as Tensor | Module.
+HFModule = Any
+
 # Models up to this many bytes of weights are copied for sleep; larger ones sleep in place.
 CLONE_LIMIT = 4 * 2**30
 # Probes pack their rows into sequences of about this many tokens.
@@ -33,8 +41,8 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, source: str) -> None:
-        self.model = model.eval()
+    def __init__(self, model: HFModule, tokenizer, source: str) -> None:
+        self.model: HFModule = model.eval()
         self.tok = tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -50,7 +58,7 @@ class TorchBackend:
         self.eos_ids = _eos_ids(tokenizer, cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # v*'s bfloat16 copies of this model's modules (see ``_bf16_copy``).
-        self._casts: dict[torch.nn.Module, _Cast] = {}
+        self._casts: dict[HFModule, _Cast] = {}
 
     @classmethod
     def from_folder(
@@ -134,7 +142,7 @@ class TorchBackend:
     @torch.inference_mode()
     def stream(
         self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str]:
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -246,10 +254,10 @@ class TorchBackend:
                 torch.tensor(pack.seq, device=self._device),
                 torch.tensor(pack.pos, device=self._device),
             )
-            if start == 0:
-                h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
-            else:
+            if resume is not None and start:
                 h = resume.inputs[n, start]
+            else:
+                h = inner.embed_tokens(torch.tensor([pack.ids], device=self._device))
             inputs: list[torch.Tensor] | None = [] if resume is not None else None  # kept to resume
             try:
                 if hidden_layer is None:
@@ -265,7 +273,7 @@ class TorchBackend:
             finally:
                 for hook in hooks:
                     hook.remove()
-            if resume is not None:
+            if resume is not None and inputs is not None:
                 for layer, x in enumerate([*inputs, h], start=start):
                     resume.inputs[n, layer] = x
         if resume is not None:
@@ -363,7 +371,7 @@ class TorchBackend:
                 hook.remove()
         return {layer: (s / max(count, 1)).numpy() for layer, s in sums.items()}
 
-    def _bf16_copy(self, module: torch.nn.Module) -> _Cast:
+    def _bf16_copy(self, module: HFModule) -> _Cast:
         """``module`` run from a bfloat16 copy of its float32 weights, kept while they are
         unchanged (the layers above the v* layer are the same from one write to the next)."""
         cast = self._casts.get(module)
@@ -418,12 +426,12 @@ class TorchBackend:
     def train_lora(
         self,
         examples: Sequence[Rendering],
-        settings,
-        init=None,
-        progress=None,
+        settings: LoraSettings,
+        init: Adapter | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
         cancel: threading.Event | None = None,
         anchor: Sequence[Rendering] = (),
-    ):
+    ) -> Adapter:
         """Train a LoRA adapter with peft on ``examples`` (loss on their target positions).
 
         Each step adds ``settings.kl_weight`` · KL(before ‖ now) of the next-token
@@ -445,7 +453,7 @@ class TorchBackend:
 
         config = LoraConfig(
             r=settings.r,
-            lora_alpha=settings.alpha,
+            lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft says int; α/r is a float
             target_modules=list(settings.targets),
             layers_to_transform=list(settings.layers) or None,
             lora_dropout=0.0,
@@ -502,7 +510,8 @@ class TorchBackend:
                         progress(step, steps, epoch_loss[-1])
                 if sum(epoch_loss) / len(epoch_loss) < settings.loss_stop:
                     break
-            a, b = {}, {}
+            a: dict[str, np.ndarray] = {}
+            b: dict[str, np.ndarray] = {}
             for key, p in lora.items():
                 module, part = key.rsplit(".lora_", 1)
                 (a if part.startswith("A") else b)[module] = p.detach().float().cpu().numpy()
@@ -550,16 +559,16 @@ class TorchBackend:
     def _device(self) -> torch.device:
         return self.model.model.embed_tokens.weight.device
 
-    def _down_proj(self, layer: int) -> torch.nn.Module:
+    def _down_proj(self, layer: int) -> HFModule:
         return self.model.model.layers[layer].mlp.down_proj
 
-    def _module(self, name: str) -> torch.nn.Module:
+    def _module(self, name: str) -> HFModule:
         try:
             return self.model.get_submodule(name.removesuffix(".weight"))
         except AttributeError as e:
             raise ValueError(f"the model has no weight {name!r}") from e
 
-    def _plain(self, name: str) -> torch.nn.Module:
+    def _plain(self, name: str) -> HFModule:
         """The module of weight ``name``, dequantised to a plain Linear if it is 4-bit (the
         edit layers' down_proj: :meth:`_editable`)."""
         path = name.removesuffix(".weight")
@@ -580,7 +589,7 @@ class TorchBackend:
             mod = plain
         return mod
 
-    def _editable(self, layer: int) -> torch.nn.Module:
+    def _editable(self, layer: int) -> HFModule:
         """The layer's down_proj, made float32 (dequantised if 4-bit) before its first edit.
 
         Deltas are float32 and must add exactly; the layer computes in float32 and hands its
@@ -625,9 +634,9 @@ class _ShiftPass:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: HFModule,
         problem: ShiftProblem,
-        cast: Callable[[torch.nn.Module], _Cast] | None = None,
+        cast: Callable[[HFModule], _Cast] | None = None,
     ) -> None:
         if model.config._attn_implementation not in ("eager", "sdpa"):
             raise ValueError("v* packs renderings with a 4D mask: needs eager or sdpa attention")
@@ -678,7 +687,7 @@ class _Cast:
     """Runs ``module`` with its float32 parameters copied into ``dtype`` (others, such as
     4-bit weights, as they are). The module itself is left untouched."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, module: HFModule, dtype: torch.dtype) -> None:
         self.module = module
         self.dtype = dtype
         self.sources = dict(module.named_parameters())
@@ -866,18 +875,18 @@ def _down_proj_path(layer: int) -> str:
     return f"model.layers.{layer}.mlp.down_proj"
 
 
-def _is_4bit(mod: torch.nn.Module) -> bool:
+def _is_4bit(mod: HFModule) -> bool:
     return type(mod).__name__ == "Linear4bit"
 
 
-def _dequantised(mod: torch.nn.Module) -> torch.Tensor:
+def _dequantised(mod: HFModule) -> torch.Tensor:
     """A bitsandbytes 4-bit layer's weight as float32, computed afresh (the stored bytes stay)."""
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(torch.float32)
 
 
-def _copy_accelerate_hook(old: torch.nn.Module, new: torch.nn.Module) -> None:
+def _copy_accelerate_hook(old: HFModule, new: HFModule) -> None:
     """Keep accelerate's device placement when a module is replaced (multi-GPU models)."""
     hook = getattr(old, "_hf_hook", None)
     if hook is not None:

@@ -263,9 +263,10 @@ def _sleep(engine, args: argparse.Namespace) -> None:
         ]
     consolidations = [engine.consolidate("sleep", engine.progress)] if args.consolidate else []
     if args.json:
-        doc = [_report_doc(r) for r in reports]
+        cycles = [_report_doc(r) for r in reports]
+        doc: list | dict = cycles
         if args.consolidate:
-            doc = {"cycles": doc, "consolidation": [_report_doc(r) for r in consolidations]}
+            doc = {"cycles": cycles, "consolidation": [_report_doc(r) for r in consolidations]}
         out.print_json(json.dumps(doc))
     else:
         _print_reports(reports)
@@ -474,7 +475,7 @@ def _print_memories(
         _print_history(listing.ledger, args.history)
         return
     memories = list(listing.ledger.memories)
-    recalls = check(memories) if args.check else [m.last_recall for m in memories]
+    recalls = check(memories) if check and args.check else [m.last_recall for m in memories]
     p = listing.pressure
     if args.json:
         rows = []

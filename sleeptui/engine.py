@@ -10,6 +10,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,14 @@ def load_backend(
         raise SleeptuiError(
             "--4bit needs bitsandbytes: pip install 'sleeptui[cuda]', or leave out --4bit."
         )
-    load = TorchBackend.from_gguf if source.is_gguf else TorchBackend.from_folder
-    args = (source.path, cache_dir()) if source.is_gguf else (source.path,)
-    return load(*args, device=device, edit_layers=source.preset.edit.layers, four_bit=four_bit)
+    layers = source.preset.edit.layers
+    if source.is_gguf:
+        return TorchBackend.from_gguf(
+            source.path, cache_dir(), device=device, edit_layers=layers, four_bit=four_bit
+        )
+    return TorchBackend.from_folder(
+        source.path, device=device, edit_layers=layers, four_bit=four_bit
+    )
 
 
 def _apple_silicon() -> bool:
@@ -226,7 +232,9 @@ class Engine:
         template = self.holds_template(facts)
         edits = editor.write(facts, constraints, keep=keep, hold_template=template)
         if self.cfg.retry_clamp_norm:
-            written = self._retry(editor, edits, constraints, keep, template)
+            written = self._retry(
+                editor, edits, constraints, keep, template, self.cfg.retry_clamp_norm
+            )
         else:
             written = [(e, self.cfg.clamp_norm) for e in edits]
         edits = [e for e, _ in written]
@@ -267,6 +275,7 @@ class Engine:
         constraints: list[Keys],
         keep: list[list[Fact]],
         hold_template: bool,
+        retry_clamp: float,
     ) -> list[tuple[WakeEdit, float]]:
         """Write again, with the larger retry clamp, the facts whose first write fell short.
 
@@ -282,7 +291,7 @@ class Engine:
         for i in failed:
             self.apply_factors(edits[i].factors, -1.0)
         held = [e.keys for i, e in enumerate(edits) if i not in failed]
-        wider = editor.with_clamp(cfg.retry_clamp_norm)
+        wider = editor.with_clamp(retry_clamp)
         again = sorted(failed)
         redone = iter(
             wider.write(
@@ -293,7 +302,7 @@ class Engine:
             )
         )
         return [
-            (next(redone), cfg.retry_clamp_norm) if i in failed else (e, cfg.clamp_norm)
+            (next(redone), retry_clamp) if i in failed else (e, cfg.clamp_norm)
             for i, e in enumerate(edits)
         ]
 
@@ -438,7 +447,8 @@ class Engine:
             self.set_adapter(None)
             return replace(ledger, adapter=None)
         general = consolidate.replay(self, self.lora.replay_samples, self.lora.seed)
-        adapter, missing = None, []
+        adapter: Adapter | None = None
+        missing: list[Memory] = []
         for round_ in range(RETRAIN_ROUNDS):
             for m in keep:
                 self.revert(m)
@@ -449,7 +459,7 @@ class Engine:
                 general,
                 self.lora.epochs,
                 adapter,
-                lambda stage, i, n, r=round_: self._step(f"retrain adapter ({r + 1})", i, n),
+                partial(self._retrain_step, round_),
                 None,
                 seed=self.lora.seed + round_,
                 unsay=forgotten,
@@ -463,6 +473,7 @@ class Engine:
             ]
             if not missing:
                 break
+        assert adapter is not None  # RETRAIN_ROUNDS ≥ 1
         files = self.adapter_files(adapter)
         record = consolidate.adapter_record(files, keep)
         return replace(ledger, adapter=record)
@@ -792,21 +803,25 @@ class Engine:
             self._factors[memory.id] = factors
             self.apply_factors(factors, memory.scale)
         files = self.folder.read_adapter(self.ledger)
-        if files is not None:
+        record = self.ledger.adapter
+        if files is not None and record is not None:
             from sleeptui.errors import StateError
 
-            adapter = Adapter.from_files(files, str(self.folder.root / self.ledger.adapter.path))
+            adapter = Adapter.from_files(files, str(self.folder.root / record.path))
             try:
                 self.set_adapter(adapter)
             except (ValueError, RuntimeError) as e:
                 raise StateError(
-                    f"The adapter in {self.folder.root / self.ledger.adapter.path} does not fit "
+                    f"The adapter in {self.folder.root / record.path} does not fit "
                     f"this model ({e}); nothing was changed."
                 ) from e
 
     def _step(self, stage: str, i: int, n: int) -> None:
         if self.progress:
             self.progress(stage, i, n)
+
+    def _retrain_step(self, round_: int, stage: str, i: int, n: int) -> None:
+        self._step(f"retrain adapter ({round_ + 1})", i, n)
 
 
 def _rounds(facts: Sequence[Fact]) -> list[list[Fact]]:

@@ -651,10 +651,10 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
     else:
         n = _name_span(words)
         if n < len(words) and _is_possessive(words[n]):
-            parsed = _parse_possessive(words, n)
-            if isinstance(parsed, str):
-                return parsed, None
-            subject, possessed, predicate = parsed
+            possessive = _parse_possessive(words, n)
+            if isinstance(possessive, str):
+                return possessive, None
+            subject, possessed, predicate = possessive
         elif n == 0:
             return NO_SUBJECT, None
         else:

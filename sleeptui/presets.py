@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sleeptui.adapter import LoraSettings
 
@@ -252,6 +253,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def with_edit(preset: Preset, **changes: object) -> Preset:
+def with_edit(preset: Preset, **changes: Any) -> Preset:
     """A copy of ``preset`` with some edit hyperparameters changed (sweeps, tests)."""
     return replace(preset, edit=replace(preset.edit, **changes))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -304,7 +304,7 @@ def _updated_ledger(
     refreshed: dict[str, dict],
     pruned: list[Memory],
     ppl_before: float,
-    deferred: list[Memory] = (),
+    deferred: Sequence[Memory] = (),
 ) -> Ledger:
     """Every audited memory's entry, updated in place: recall, degraded flag, history."""
     pruned_ids = {m.id for m in pruned}

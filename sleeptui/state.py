@@ -227,14 +227,15 @@ class StateFolder:
                 f"A committed change in {self.root} could not yet be moved into "
                 "place; nothing more was written. Reopen the folder to complete it."
             )
-        if self._committed is None:
-            self.ledger(ledger.fingerprint, ledger.model)
+        committed = self._committed
+        if committed is None:
+            committed = self.ledger(ledger.fingerprint, ledger.model)
         txn = None
         try:
             txn = journal.Transaction(self.root)
             manifest = backups.stage(
                 txn,
-                self._committed,
+                committed,
                 self._manifest,
                 ledger,
                 writes,

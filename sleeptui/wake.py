@@ -201,6 +201,7 @@ class Editor:
             if step:
                 step("solve", li, len(cfg.layers))
             keys, hidden = backend.probe(batch, positions, [layer], cfg.v_layer, resume)
+            assert hidden is not None  # asked for at the v* layer
             if h0 is None:
                 h0 = hidden
             # What the layers edited so far already achieved, per memory.

@@ -124,12 +124,14 @@ class SleeptuiApp(App[None]):
 
     # -- loading -------------------------------------------------------------------
 
+    def _loading_progressed(self, stage: str, i: int, n: int) -> None:
+        # To the panel: in order with its edits' outcomes.
+        self.panel.post_message(MemoryPanel.EngineProgressed(stage, i, n))
+
     @work(thread=True, group="load")
     def _load(self) -> None:
         try:
-            engine = self.engine_factory(  # to the panel: in order with its edits' outcomes
-                lambda s, i, n: self.panel.post_message(MemoryPanel.EngineProgressed(s, i, n))
-            )
+            engine = self.engine_factory(self._loading_progressed)
         except StateLocked as e:
             self.post_message(self.EngineFailed("The state folder is in use", str(e)))
             return
@@ -191,7 +193,7 @@ class SleeptuiApp(App[None]):
             facts = []
         if facts:
             self.remember(facts)
-        if not facts or "?" in text:
+        if (not facts or "?" in text) and self.engine is not None:
             await self.chat.ask(self.engine, text)
             self.refresh_bindings()
 
@@ -324,7 +326,7 @@ class SleeptuiApp(App[None]):
         """Sleep on our own when the pressure crosses its threshold."""
         pressure = self.panel.pressure()
         due = pressure is not None and pressure.due
-        if due and not self._was_due and self.panel.start_sleep(auto=True):
+        if pressure and due and not self._was_due and self.panel.start_sleep(auto=True):
             self.chat.note(
                 f"Sleep pressure reached {pressure.value:.0%} (threshold {pressure.threshold:.0%}): "
                 "sleeping now; the chat stays usable."
@@ -374,6 +376,9 @@ class SleeptuiApp(App[None]):
 
     def show_model(self) -> None:
         e = self.engine
+        if e is None:
+            self.chat.note("The model is still loading.")
+            return
         self.chat.note(
             f"model {e.source.preset.name} · backend {e.backend.name} · state folder {e.folder.root}"
         )

@@ -21,15 +21,16 @@ from textual.worker import get_current_worker
 
 if TYPE_CHECKING:
     from sleeptui.engine import Engine
+    from sleeptui.facts import Fact
     from sleeptui.ledger import Memory
 
 CONTEXT_TURNS = 4
 """How many recent question/answer pairs of this run are sent with a question."""
 
 
-def fact_line(memory: Memory) -> str:
-    """A memory as ``subject · relation · object``."""
-    return f"{memory.subject} · {memory.relation} · {memory.object}"
+def fact_line(fact: Fact | Memory) -> str:
+    """A fact or memory as ``subject · relation · object``."""
+    return f"{fact.subject} · {fact.relation} · {fact.object}"
 
 
 class PromptInput(Input):

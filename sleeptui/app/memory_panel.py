@@ -152,11 +152,16 @@ class MemoryPanel(Vertical):
 
     # -- workers -------------------------------------------------------------------
 
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise SleeptuiError("The model is still loading; try again in a moment.")
+        return self.engine
+
     @work(thread=True, group="edit")
     def remember(self, facts: Sequence[Fact], note: RememberedNote | None) -> None:
         with self._edits:
             try:
-                memories = self.engine.remember(list(facts))
+                memories = self._engine().remember(list(facts))
             except Exception as e:  # shown in the chat; the engine committed nothing
                 self.post_message(self.RememberFailed(note, describe(e)))
                 return
@@ -164,16 +169,17 @@ class MemoryPanel(Vertical):
 
     @work(thread=True, group="edit")
     def forget(self, memory_ids: Sequence[str], note: RememberedNote | None = None) -> None:
-        reports = []
+        reports: list[ForgetReport] = []
         with self._edits:
             try:
-                if not hasattr(self.engine, "forget"):
+                engine = self._engine()
+                if not hasattr(engine, "forget"):
                     raise SleeptuiError("This engine cannot forget memories yet.")
-                if hasattr(self.engine, "forget_many"):  # one adapter retrain for them all
-                    reports = self.engine.forget_many(list(memory_ids))
+                if hasattr(engine, "forget_many"):  # one adapter retrain for them all
+                    reports = engine.forget_many(list(memory_ids))
                 else:
                     for memory_id in memory_ids:
-                        reports.append(self.engine.forget(memory_id))
+                        reports.append(engine.forget(memory_id))
             except Exception as e:  # shown in the chat, with what was forgotten before it
                 if reports:
                     self.post_message(self.Forgotten(reports, None))
@@ -202,9 +208,10 @@ class MemoryPanel(Vertical):
 
         with self._edits:
             try:
-                if not hasattr(self.engine, "consolidate"):
+                engine = self._engine()
+                if not hasattr(engine, "consolidate"):
                     raise SleeptuiError("This engine cannot consolidate memories.")
-                report = self.engine.consolidate("nap", progress=progress, cancel=self.cancel_sleep)
+                report = engine.consolidate("nap", progress=progress, cancel=self.cancel_sleep)
             except Exception as e:  # the engine rolls a failed consolidation back
                 self.post_message(self.SleepFailed(describe(e), self.cancel_sleep.is_set()))
                 return
@@ -217,14 +224,15 @@ class MemoryPanel(Vertical):
 
         with self._edits:
             try:
-                if not hasattr(self.engine, "sleep"):
+                engine = self._engine()
+                if not hasattr(engine, "sleep"):
                     raise SleeptuiError("This engine cannot sleep yet.")
                 if until:
-                    reports = self.engine.sleep_until_converged(
+                    reports = engine.sleep_until_converged(
                         progress=progress, cancel=self.cancel_sleep
                     )
                 else:
-                    reports = [self.engine.sleep(progress=progress, cancel=self.cancel_sleep)]
+                    reports = [engine.sleep(progress=progress, cancel=self.cancel_sleep)]
             except Exception as e:  # the engine rolls a failed cycle back
                 self.post_message(self.SleepFailed(describe(e), self.cancel_sleep.is_set()))
                 return

@@ -128,7 +128,7 @@ class MemoryTable(DataTable):
         self.clear(columns=True)
         self._add_columns()
         self.sync(self._memories)
-        if selected in self.rows:
+        if selected is not None and selected in self.rows:
             self.move_cursor(row=self.get_row_index(selected))
 
     def sync(self, memories: Sequence[Memory]) -> None:
