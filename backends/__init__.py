@@ -135,7 +135,7 @@ class Backend(Protocol):
 
     def stream(
         self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
-    ) -> Generator[str]:
+    ) -> Generator[str, None, None]:
         """Greedy generation, yielding text pieces as they are decoded; ``stop`` ends it."""
         ...
 

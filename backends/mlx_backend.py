@@ -177,7 +177,7 @@ class MLXBackend:
 
     def stream(
         self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
-    ) -> Generator[str]:
+    ) -> Generator[str, None, None]:
         cache = kv_cache.make_prompt_cache(self.model)
         inp = mx.array([list(ids)])
         out: list[int] = []

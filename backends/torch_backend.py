@@ -142,7 +142,7 @@ class TorchBackend:
     @torch.inference_mode()
     def stream(
         self, ids: Sequence[int], max_new_tokens: int, stop: threading.Event | None = None
-    ) -> Generator[str]:
+    ) -> Generator[str, None, None]:
         from transformers import DynamicCache
 
         cache = DynamicCache()
