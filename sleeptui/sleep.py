@@ -190,6 +190,7 @@ def run_cycle(
     if progress:
         progress("perplexity", 0, 2)
     ppl_before = engine.committed_perplexity()
+    ppl_base = engine.base_perplexity()  # measured here only once per model (then cached)
     active = tuple(m for m in engine.memories if m.scale > 0)
     recalls = audit(engine, active, progress)
     healthy = [m for m, r in zip(active, recalls, strict=True) if r.completion]
@@ -226,7 +227,7 @@ def run_cycle(
         engine.restore(snapshot)
     else:
         ledger = _updated_ledger(
-            engine.ledger, active, recalls, after, new_factors, to_prune, ppl_before, deferred
+            engine.ledger, active, recalls, after, new_factors, to_prune, ppl_base, deferred
         )
         writes = new_factors | {m.id: {} for m in deferred}  # an empty delta: edits nothing
         engine.commit_cycle(ledger, writes, [m.id for m in to_prune], snapshot)
@@ -303,7 +304,7 @@ def _updated_ledger(
     after: list[Recall],
     refreshed: dict[str, dict],
     pruned: list[Memory],
-    ppl_before: float,
+    ppl_base: float | None,
     deferred: Sequence[Memory] = (),
 ) -> Ledger:
     """Every audited memory's entry, updated in place: recall, degraded flag, history."""
@@ -331,7 +332,7 @@ def _updated_ledger(
             )
         m = replace(m, last_recall=last, degraded=not last.completion)
         ledger = ledger.upsert(m)
-    return replace(ledger, last_sleep_at=now(), ppl_base=ledger.ppl_base or ppl_before)
+    return replace(ledger, last_sleep_at=now(), ppl_base=ppl_base)
 
 
 def _failed_refreshes(memory: Memory) -> int:

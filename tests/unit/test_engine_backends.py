@@ -16,7 +16,7 @@ import pytest
 from sleeptui.backends import ProbeResume, says
 
 from sleeptui import covariance, memit
-from sleeptui.engine import Engine, _rounds, fingerprint, repeats_itself
+from sleeptui.engine import Engine, _rounds, base_perplexity_path, fingerprint, repeats_itself
 from sleeptui.facts import Fact
 from sleeptui.paths import cache_dir
 from sleeptui.state import StateFolder
@@ -359,6 +359,39 @@ def test_the_sensitivity_is_measured_once_then_read_from_the_cache(engine, tmp_p
     finally:
         again.close()
         del again.backend.residual_fisher
+
+
+def test_the_unedited_perplexity_is_measured_without_the_memories_then_cached(
+    engine, tmp_path, monkeypatch
+):
+    unedited = engine.perplexity()
+    engine.remember(FACTS[:2])
+    edited = base_weights(engine.backend)
+    assert engine.perplexity() != unedited
+    # Nothing cached yet (the test's own cache): measured with both deltas taken out.
+    engine._base_ppl = None
+    base_perplexity_path(cache_dir(), engine.fingerprint, type(engine.backend).__name__).unlink()
+    assert engine.base_perplexity() == pytest.approx(unedited, rel=1e-5)
+    for layer, w in base_weights(engine.backend).items():  # put back exactly
+        np.testing.assert_array_equal(w, edited[layer])
+    assert engine.ledger.ppl_base == pytest.approx(unedited, rel=1e-5)
+
+    again = Engine(engine.backend, SOURCE, StateFolder.open(tmp_path / "other"))
+    monkeypatch.setattr(Engine, "perplexity", lambda self: pytest.fail("measured again"))
+    try:
+        assert again.base_perplexity() == engine.base_perplexity()
+    finally:
+        again.close()
+
+
+def test_the_drift_is_measured_from_the_cached_unedited_perplexity_not_the_ledgers(engine):
+    """A folder written by a version with another reference text holds another ppl_base."""
+    engine.remember(FACTS[:1])
+    engine.ledger = replace(engine.ledger, ppl_base=1e6)
+    ppl = engine.committed_perplexity()
+    assert engine.last_ppl_drift() == pytest.approx(ppl / engine.base_perplexity() - 1)
+    engine.remember(FACTS[1:2])
+    assert engine.ledger.ppl_base == engine.base_perplexity()
 
 
 def test_without_fisher_decay_the_sensitivity_is_never_measured(engine):
