@@ -6,9 +6,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from sleeptui.backends import says
 
-from sleeptui.engine import Engine
+from sleeptui.engine import Engine, reference_text
 from sleeptui.extract import paraphrases_for
 from sleeptui.facts import Fact
 
@@ -153,3 +154,25 @@ def forget_phase(
         "others_kept_of_recalling": sum(held) / max(1, len(held)),
         "repaired": reports[0].repaired if reports else 0,  # one repair for all
     }
+
+
+def paragraph_nll(engine: Engine) -> np.ndarray:
+    """Each reference paragraph's summed NLL and token count (rows): ``Engine.perplexity``
+    taken apart, at the same cost, so that a drift can be given with its standard error."""
+    return np.array([engine.backend.nll([p]) for p in reference_text()], dtype=np.float64)
+
+
+def drift_pct(base: np.ndarray, now: np.ndarray, samples: int = 4000) -> tuple[float, float]:
+    """The perplexity change from ``base`` to ``now`` (rows of :func:`paragraph_nll`) in %,
+    and its standard error by resampling the paragraphs (bootstrap, fixed seed): how much the
+    figure owes to which text was chosen to measure it."""
+
+    def change(rows: np.ndarray) -> np.ndarray:
+        b, n = base[rows], now[rows]  # rows: (samples, paragraphs) indices
+        per_token = n[..., 0].sum(-1) / n[..., 1].sum(-1) - b[..., 0].sum(-1) / b[..., 1].sum(-1)
+        return 100 * np.expm1(per_token)
+
+    k = len(base)
+    rng = np.random.default_rng(0)
+    resampled = change(rng.integers(0, k, (samples, k)))
+    return float(change(np.arange(k)[None])[0]), float(resampled.std())

@@ -22,9 +22,19 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, first_tokens, forget_phase, load_facts, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    OUT,
+    drift_pct,
+    first_tokens,
+    forget_phase,
+    load_facts,
+    paragraph_nll,
+    write_outputs,
+)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -108,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         engine = Engine.open(model=args.model, state=state)
         engine.cfg = replace(engine.cfg, constrain_wake=False)  # the paper's wake: unconstrained
-        ppl0 = engine.perplexity()
+        ppl0 = paragraph_nll(engine)
         # What the unedited model says after each prompt: where a forgotten one must return.
         pool = facts[: args.max_facts + args.max_facts // 4 + 1]
         controls = [f.prompt for f in facts[200:220]]  # people no phase writes
@@ -121,7 +131,7 @@ def main() -> None:
         console.print(f"phase B: +{n_b} facts, recall before sleep {start_b:.3f}")
         sleep_phase(engine, "B", rows, 10)
         sleep_phase(engine, "idle", rows, args.idle, stop_converged=False)
-        ppl_end = engine.perplexity()
+        ppl_end = paragraph_nll(engine)
         entries, distinct = len(engine.ledger.memories), len({m.id for m in engine.ledger.memories})
         forget = forget_phase(engine, unedited, controls, args.forget) if args.forget else None
         if forget:
@@ -163,6 +173,8 @@ def main() -> None:
     console.print(table)
     idle = [r for r in rows if r["phase"] == "idle"]
     a_cycles = [r for r in rows if r["phase"] == "A"]
+    drift, drift_se = drift_pct(ppl0, ppl_end)
+    ppl_end_value = float(np.exp(ppl_end[:, 0].sum() / ppl_end[:, 1].sum()))
     summary = {
         "phase_a_facts": n_a,
         "phase_a_start_recall": start_a,
@@ -176,9 +188,12 @@ def main() -> None:
         "ledger_entries": entries,
         "distinct_ids": distinct,
         "facts_written": n_a + n_b,
-        "ppl_drift_end_to_end_pct": 100 * (ppl_end / ppl0 - 1),
+        "ppl_drift_end_to_end_pct": drift,
+        "ppl_drift_end_to_end_se": drift_se,
         # Wake's own drift left out: from the model as phase A's injection left it.
-        "ppl_drift_over_sleep_pct": 100 * (ppl_end / rows[0]["ppl_before"] - 1) if rows else None,
+        "ppl_drift_over_sleep_pct": (
+            100 * (ppl_end_value / rows[0]["ppl_before"] - 1) if rows else None
+        ),
         "median_cycle_seconds": statistics.median(r["seconds"] for r in rows),
         "forget": forget,
     }

@@ -2,7 +2,8 @@
 
 Each setting is a JSON object of EditConfig overrides; the weights go back to the unedited
 model between settings. Prints one JSON line per setting: completion and chat recall of the N
-facts, unseen-paraphrase recall, perplexity change, the fraction of 40 unrelated chat answers
+facts, unseen-paraphrase recall, perplexity change (with its standard error over the
+reference text's paragraphs), the fraction of 40 unrelated chat answers
 (first 10 tokens) left unchanged (also for the pool's 20 unwritten people and the 20 general
 questions apart), how much less likely the unedited model's answers to them became (mean NLL
 change per token of question and answer, in nats: a finer measure than "unchanged", which a
@@ -29,8 +30,10 @@ from common import (  # noqa: E402
     chat_answers,
     chat_recall,
     completion_recall,
+    drift_pct,
     edited_layers,
     load_facts,
+    paragraph_nll,
     seen_only,
     unchanged,
 )
@@ -66,7 +69,7 @@ def main() -> None:
                 layers = edited_layers(engine.cfg.layers, settings)
                 pristine = {layer: backend.weight(layer) for layer in layers}
                 before = chat_answers(engine, unrelated, tokens=10)
-                ppl0 = engine.perplexity()
+                ppl0 = paragraph_nll(engine)
                 answers = [
                     engine.chat_prompt(q) + a for q, a in zip(unrelated, before, strict=True)
                 ]
@@ -78,13 +81,15 @@ def main() -> None:
                 engine.remember([seen_only(fact)])
                 seconds.append(time.perf_counter() - t)
             after = chat_answers(engine, unrelated, tokens=10)
+            ppl_pct, ppl_se = drift_pct(ppl0, paragraph_nll(engine))
             row = {
                 "settings": changes,
                 "n": len(facts),
                 "completion": completion_recall(engine, facts),
                 "chat_seen": chat_recall(engine, facts),
                 "chat_unseen": round(chat_recall(engine, facts, unseen=True), 3),
-                "ppl_change_pct": round(100 * (engine.perplexity() / ppl0 - 1), 2),
+                "ppl_change_pct": round(ppl_pct, 2),
+                "ppl_change_se": round(ppl_se, 2),
                 "unchanged": unchanged(before, after),
                 "unchanged_people": unchanged(before[:20], after[:20]),
                 "unchanged_general": unchanged(before[20:], after[20:]),

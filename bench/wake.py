@@ -23,6 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
@@ -30,7 +32,9 @@ from common import (  # noqa: E402
     chat_answers,
     chat_recall,
     completion_recall,
+    drift_pct,
     load_facts,
+    paragraph_nll,
     seen_only,
     unchanged,
     write_outputs,
@@ -72,7 +76,7 @@ def run_mode(args, backend: str, facts, constrained: bool, unrelated: list[str])
         engine = Engine.open(model=args.model, state=state, backend=backend)
         engine.cfg = replace(engine.cfg, constrain_wake=constrained)
         before = chat_answers(engine, unrelated, tokens=10)
-        ppl0 = engine.perplexity()
+        ppl0 = paragraph_nll(engine)
         rows, seconds = [], []
         for i, fact in enumerate(facts, start=1):
             t = time.perf_counter()
@@ -81,13 +85,15 @@ def run_mode(args, backend: str, facts, constrained: bool, unrelated: list[str])
             if i in CHECKPOINTS or i == len(facts):
                 written = facts[:i]
                 deltas = list((Path(state) / "deltas").glob("*.safetensors"))
+                ppl_pct, ppl_se = drift_pct(ppl0, paragraph_nll(engine))
                 rows.append(
                     {
                         "n": i,
                         "completion": completion_recall(engine, written),
                         "chat_seen": chat_recall(engine, written),
                         "chat_unseen": chat_recall(engine, written, unseen=True),
-                        "ppl_change_pct": 100 * (engine.perplexity() / ppl0 - 1),
+                        "ppl_change_pct": ppl_pct,
+                        "ppl_change_se": ppl_se,
                         "median_s_per_fact": statistics.median(seconds),
                         "bytes_per_memory": sum(p.stat().st_size for p in deltas) / len(deltas),
                         "specificity": unchanged(
@@ -98,7 +104,7 @@ def run_mode(args, backend: str, facts, constrained: bool, unrelated: list[str])
                 mode = "constrained" if constrained else "unconstrained"
                 console.print(f"  {backend} {mode} N={i}: {rows[-1]}")
         engine.close()
-    return {"rows": rows, "ppl_base": ppl0}
+    return {"rows": rows, "ppl_base": float(np.exp(ppl0[:, 0].sum() / ppl0[:, 1].sum()))}
 
 
 def run_backend(args, backend: str, pool, facts, unrelated, modes) -> dict:
@@ -188,12 +194,13 @@ def main() -> None:
                     cell(r, "completion", ".2f"),
                     cell(r, "chat_seen", ".2f"),
                     cell(r, "chat_unseen", ".2f"),
-                    cell(r, "ppl_change_pct", "+.2f"),
+                    f"{cell(r, 'ppl_change_pct', '+.2f')} ± {cell(r, 'ppl_change_se', '.2f')}",
                     cell(r, "median_s_per_fact", ".2f"),
                     cell(r, "bytes_per_memory", ".0f"),
                     cell(r, "specificity", ".2f"),
                 )
     console.print(table)
+    console.print("ΔPPL ± its standard error over the reference text's paragraphs (bootstrap)")
     console.print(
         f"unchanged: fraction of {len(unrelated)} unrelated chat answers (first 10 tokens) "
         "identical to the unedited model's"
