@@ -194,7 +194,7 @@ def main() -> None:
                     cell(r, "completion", ".2f"),
                     cell(r, "chat_seen", ".2f"),
                     cell(r, "chat_unseen", ".2f"),
-                    f"{cell(r, 'ppl_change_pct', '+.2f')} ± {cell(r, 'ppl_change_se', '.2f')}",
+                    f"{cell(r, 'ppl_change_pct', '+.2f')}±{cell(r, 'ppl_change_se', '.2f')}",
                     cell(r, "median_s_per_fact", ".2f"),
                     cell(r, "bytes_per_memory", ".0f"),
                     cell(r, "specificity", ".2f"),
