@@ -11,9 +11,7 @@ no start recomputes them.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from sleeptui import memit
 from sleeptui.backends import Backend
+from sleeptui.paths import write_cache_file
 from sleeptui.renderings import subject_positions
 
 OPENERS = (
@@ -307,17 +306,8 @@ def _load_layers(path: Path, layers: Sequence[int]) -> dict[int, np.ndarray]:
 
 def _store(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """Write ``tensors`` (as float32) to ``path`` at once: a killed start leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # A temporary name of this process's own: two first starts computing at once each
-    # finish their file, and the last rename leaves the same content.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    write_cache_file(path, lambda tmp: save_file(arrays, tmp))
 
 
 def compute(

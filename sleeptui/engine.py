@@ -9,8 +9,6 @@ import copy
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +25,7 @@ from sleeptui.extract import USER_SUBJECT
 from sleeptui.facts import Fact
 from sleeptui.ledger import Ledger, Memory, Recall, now
 from sleeptui.models import ModelSource, default_layers, default_lora_layers, resolve
-from sleeptui.paths import cache_dir, state_dir
+from sleeptui.paths import cache_dir, state_dir, write_cache_file
 from sleeptui.presets import EditConfig, SleepConfig
 from sleeptui.sleep import Pressure, SleepReport, pressure, run_cycle
 from sleeptui.state import Shapes, StateFolder
@@ -904,14 +902,4 @@ def _read_number(path: Path) -> float | None:
 
 
 def _write_number(path: Path, value: float) -> None:
-    """Write ``{"value": value}`` to ``path`` at once (a temporary name of this process's own,
-    then a rename), so that two processes caching it together both finish."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"value": value}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_cache_file(path, lambda tmp: Path(tmp).write_text(json.dumps({"value": value})))
