@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +24,8 @@ from sleeptui.backends import (
     publish_folder,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.utils import logging as hf_logging
 
 if TYPE_CHECKING:
     from sleeptui.adapter import Adapter, LoraSettings
@@ -34,6 +38,13 @@ HFModule = Any
 CLONE_LIMIT = 4 * 2**30
 # Probes pack their rows into sequences of about this many tokens.
 PROBE_TOKENS = 512
+# The keyword a forward pass takes its KV cache by: transformers 5.25 renamed
+# ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40).
+CACHE_KW = (
+    "cache"
+    if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters
+    else "past_key_values"
+)
 
 
 class TorchBackend:
@@ -99,7 +110,8 @@ class TorchBackend:
                 llm_int8_skip_modules=["lm_head", *(_down_proj_path(i) for i in exact)],
             )
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        with _no_hf_progress():  # the engine reports the load itself
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         backend = cls(model, tok, str(folder))
         for layer in edit_layers:
             backend._editable(layer)
@@ -152,7 +164,7 @@ class TorchBackend:
         for _ in range(max_new_tokens):
             if stop is not None and stop.is_set():
                 return
-            logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=inp, use_cache=True, **{CACHE_KW: cache}).logits
             nxt = int(logits[0, -1].argmax())
             if nxt in self.eos_ids:
                 break
@@ -824,7 +836,7 @@ def _decoder(inner, layers, hidden, queries, keys, cache=None, inputs=None) -> t
             attention_mask=mask,
             position_ids=position_ids,
             position_embeddings=rope,
-            past_key_values=cache,
+            **{CACHE_KW: cache},
         )
     return hidden
 
@@ -937,15 +949,28 @@ def _file_key(path: Path) -> str:
     ]
 
 
+@contextmanager
+def _no_hf_progress() -> Iterator[None]:
+    """Keep transformers' own tqdm bars off the terminal (and off the app's screen)."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(path: Path, folder: Path) -> None:
     """Dequantise a GGUF file into a safetensors model folder, written atomically."""
     import shutil
     import tempfile
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    with _no_hf_progress():
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -279,13 +280,19 @@ def _report_doc(r) -> dict:
     return asdict(r) | {"ppl_change": r.ppl_change}
 
 
-def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    table = Table(title=title)
+def _print_table(
+    title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], notes: list[str]
+) -> None:
+    """A report table of figures, without vertical rules so that it fits 80 columns whole,
+    then the rows' notes (what a cycle deferred, that it rolled back, …), one per line."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     for col in columns:
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for row in rows:
         table.add_row(*row)
     out.print(table)
+    for note in notes:
+        out.print(note, markup=False, highlight=False)
 
 
 def _measured(r) -> tuple[str, ...]:
@@ -325,7 +332,7 @@ def _print_consolidations(reports, as_json: bool) -> None:
     stages = ("1.0", "0.5", "0.1", "0.0")
     _print_table(
         "consolidation (MEMIT scale of each fact: 1.0 → 0.5 → 0.1 → 0.0)",
-        ("kind", "due", "advanced", *stages, "recall", "chat", "ΔPPL", "s", ""),
+        ("kind", "due", "advanced", *stages, "recall", "chat", "ΔPPL", "s"),
         [
             (
                 r.kind,
@@ -333,17 +340,17 @@ def _print_consolidations(reports, as_json: bool) -> None:
                 str(r.advanced),
                 *(str(r.stages[k]) for k in stages),
                 *_measured(r),
-                _rolled_back(r) if r.rolled_back else "",
             )
             for r in reports
         ],
+        [f"{r.kind} consolidation: {_rolled_back(r)}" for r in reports if r.rolled_back],
     )
 
 
 def _print_reports(reports) -> None:
     _print_table(
         "sleep",
-        ("cycle", "healthy", "degraded", "refreshed", "pruned", "recall", "chat", "ΔPPL", "s", ""),
+        ("cycle", "healthy", "degraded", "refreshed", "pruned", "recall", "chat", "ΔPPL", "s"),
         [
             (
                 str(r.cycle),
@@ -352,9 +359,13 @@ def _print_reports(reports) -> None:
                 str(r.refreshed),
                 str(r.pruned),
                 *_measured(r),
-                _rolled_back(r) if r.rolled_back else _sleep_note(r),
             )
             for r in reports
+        ],
+        [
+            f"cycle {r.cycle}: {note}"
+            for r in reports
+            if (note := _rolled_back(r) if r.rolled_back else _sleep_note(r))
         ],
     )
     for r in reports:
