@@ -142,6 +142,59 @@ _CONNECTORS = {
     "about",
 }
 _ARTICLES = {"a", "an", "the"}
+# Verbs (base form) and participles that put their object in a place: "Where ...?"
+_DWELLING_VERBS = {"live", "stay", "reside", "dwell", "settle", "be", "grow"}
+_MOVING_VERBS = {
+    "move",
+    "relocate",
+    "emigrate",
+    "immigrate",
+    "go",
+    "travel",
+    "commute",
+    "fly",
+    "return",
+    "retire",
+    "sail",
+    "drive",
+    "walk",
+    "ride",
+    "run",
+    "swim",
+    "cycle",
+    "arrive",
+}
+_PLACE_PARTICIPLES = {
+    "born",
+    "based",
+    "located",
+    "raised",
+    "stationed",
+    "buried",
+    "settled",
+    "situated",
+    "headquartered",
+    "posted",
+    "housed",
+    "imprisoned",
+    "hospitalised",
+    "hospitalized",
+    "living",
+    "staying",
+    "moving",
+    "working",
+    "studying",
+    "travelling",
+    "traveling",
+}
+_MONTHS = "january|february|march|april|may|june|july|august|september|october|november|december"
+_DATE = re.compile(
+    r"(?:(?:in|on|the)\s+)?(?:early\s+|late\s+|mid-?)?"
+    r"(?:\d{3,4}s?|'\d0s"  # 1987, 1990s, '90s
+    r"|(?:\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?)?(?:" + _MONTHS + r")(?:\s+\d{1,2}(?:st|nd|rd|th)?)?"
+    r"(?:,?\s+\d{3,4})?)",
+    re.IGNORECASE,
+)
 _COPULAS = {"is", "was", "are", "were"}
 _AUX = {"is", "was", "are", "were", "am", "be", "been", "being", "has", "have", "had", "got"}
 _PHRASAL = {"up", "out", "back", "away", "down", "off", "over"}
@@ -390,6 +443,55 @@ _IRREGULAR_PAST = {
     "fell": "fall",
     "felt": "feel",
 }
+# Regular past tenses whose base form the spelling leaves open ("moved": "mov" or "move"?).
+_REGULAR_PAST = {
+    "moved": "move",
+    "relocated": "relocate",
+    "emigrated": "emigrate",
+    "immigrated": "immigrate",
+    "retired": "retire",
+    "graduated": "graduate",
+    "settled": "settle",
+    "lived": "live",
+    "loved": "love",
+    "liked": "like",
+    "hated": "hate",
+    "used": "use",
+    "served": "serve",
+    "raised": "raise",
+    "composed": "compose",
+    "produced": "produce",
+    "managed": "manage",
+    "arrived": "arrive",
+    "danced": "dance",
+    "baked": "bake",
+    "hiked": "hike",
+    "cycled": "cycle",
+    "competed": "compete",
+    "completed": "complete",
+    "received": "receive",
+    "practised": "practise",
+    "practiced": "practice",
+    "travelled": "travel",
+    "traveled": "travel",
+    "cancelled": "cancel",
+    "preferred": "prefer",
+    "stayed": "stay",
+    "played": "play",
+    "visited": "visit",
+    "founded": "found",
+    "toured": "tour",
+    "married": "marry",
+    "created": "create",
+    "translated": "translate",
+    "donated": "donate",
+    "operated": "operate",
+    "dated": "date",
+    "adored": "adore",
+    "admired": "admire",
+    "shared": "share",
+    "owned": "own",
+}
 _TO_THIRD = {"am": "is", "are": "is", "were": "was", "have": "has", "do": "does", "go": "goes"}
 
 # relation -> (questions, paraphrases); "{s}" is the subject as written mid-sentence.
@@ -501,14 +603,16 @@ def extract_fact(text: str) -> Fact:
     return facts[0]
 
 
-def questions_for(subject: str, relation: str) -> tuple[str, ...]:
-    """Chat questions (2-4) a user would ask to recall the fact."""
-    return _question_sets(subject, relation)[0]
+def questions_for(subject: str, relation: str, obj: str = "") -> tuple[str, ...]:
+    """Chat questions (2-4) a user would ask to recall the fact. The object, where given,
+    picks the question word: "When was Ada born?" for "born in 1987", "Where did Ada move
+    to?" for "moved to Halifax", "What is Ada interested in?" for "interested in chess"."""
+    return _question_sets(subject, relation, obj)[0]
 
 
-def paraphrases_for(subject: str, relation: str) -> tuple[str, ...]:
+def paraphrases_for(subject: str, relation: str, obj: str = "") -> tuple[str, ...]:
     """Other questions about the fact, disjoint from :func:`questions_for`, for generalisation."""
-    questions, paraphrases = _question_sets(subject, relation)
+    questions, paraphrases = _question_sets(subject, relation, obj)
     return tuple(p for p in paraphrases if p not in questions)
 
 
@@ -676,7 +780,7 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
     rel = " ".join(relation)
     if possessed:
         # The key stays at the owner's name; the questions ask about the thing owned.
-        questions = questions_for(subject + possessed, rel)
+        questions = questions_for(subject + possessed, rel, obj)
         if rel in _COPULAS:  # and the other way round: "What is the colour of Ines Berg?"
             thing = possessed.split(" ", 1)[1]
             questions = (questions[0], f"What {rel} the {thing} of {subject}?", *questions[1:2])
@@ -685,7 +789,7 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
             subject, relation_text, obj, prompt=subject + relation_text, questions=questions
         )
         return fact, named
-    return Fact(subject, rel, obj, questions=questions_for(subject, rel)), named
+    return Fact(subject, rel, obj, questions=questions_for(subject, rel, obj)), named
 
 
 def _parse_possessive(words: list[str], n: int) -> tuple[str, str, list[str]] | str:
@@ -854,6 +958,45 @@ def _third_person(verb: str) -> str:
     return verb + "s"
 
 
+def _regular_base(stem: str) -> str | None:
+    """The base form of a regular past tense without its "-ed", where spelling decides it:
+    "work" (worked), "stop" (stopped), "visit"… stays open (None) unless listed above."""
+    if len(stem) < 3 or not stem.isalpha():
+        return None
+    if stem[-1] == stem[-2] and stem[-1] not in "aeiouls":
+        return stem[:-1]  # "stopped", "planned"
+    if stem.endswith(("v", "iz", "yz", "at", "ut", "ag", "ang")):
+        return None  # "mov(e)", "organiz(e)", "creat(e)": not sure enough, listed if common
+    if stem[-1] in "aeiouy" or stem[-2] in "aeiou" and stem[-3] in "aeiou":
+        return stem  # "played", "joined", "looked"
+    if stem[-1] not in "aeiou" and stem[-2] not in "aeiou":
+        return stem  # "worked", "painted", "learned", "joined"
+    return None
+
+
+def _where(verb: str, base: str, rest: list[str], obj: str, article: bool) -> list[str] | None:
+    """The words between the subject and "?" of a where-question ("live" for "lives in
+    Oslo", "move to" for "moved to Halifax"), or None when the object is no place.
+
+    After "in" or "at", a name ("works in Berlin"), a noun with its article ("swims in the
+    lake") or a verb of dwelling ("lives in poverty" aside) ask where; a bare lowercase
+    word does not ("works in finance"), nor an adjective ("is fluent in Basque"). After "on", "to" and
+    "near", only verbs of dwelling and moving do ("lives on Orkney", "moved to Halifax",
+    not "listens to jazz")."""
+    if not rest or rest[-1] not in ("in", "at", "on", "to", "near"):
+        return None
+    prep, words = rest[-1], rest[:-1]
+    dwells = (base or verb) in _DWELLING_VERBS or any(w in _PLACE_PARTICIPLES for w in words)
+    if prep in ("in", "at"):
+        named = not obj or obj[:1].isupper() or obj[:1].isdigit() or article
+        if verb in _COPULAS and words and not dwells:
+            named = False  # "is fluent in Basque", "is skilled at Go"
+        return words if named or dwells else None
+    if dwells or (base or verb) in _MOVING_VERBS:
+        return [*words, prep] if prep == "to" else words
+    return None
+
+
 def _base_form(verb: str) -> tuple[str, str] | None:
     """(base form, auxiliary) for do-support questions, or None when unsure ("moved")."""
     if verb in _IRREGULAR_PAST:
@@ -861,7 +1004,8 @@ def _base_form(verb: str) -> tuple[str, str] | None:
     if verb.endswith("ied") and len(verb) > 4:
         return verb[:-3] + "y", "did"
     if verb.endswith("ed"):
-        return None
+        base = _REGULAR_PAST.get(verb) or _regular_base(verb[:-2])
+        return (base, "did") if base else None
     if verb in ("does", "goes"):
         return verb[:-2], "does"
     if verb.endswith("ies") and len(verb) > 4:
@@ -876,18 +1020,61 @@ def _base_form(verb: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------- questions
 
 
-def _question_sets(subject: str, relation: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _question_sets(
+    subject: str, relation: str, obj: str = ""
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     s = "the user" if subject == USER_SUBJECT else subject
     key = " ".join(relation.lower().split())
     key = _TABLE_ALIASES.get(key, key)
+    bare = [w for w in key.split() if w not in _ARTICLES] or [""]
+    if _is_date(obj) and bare[-1] in ("in", "on", "since"):
+        when = _when_questions(s, bare, obj)  # "born in 1987" is no birthplace
+        if when is not None:
+            return when
     if key in _QUESTION_TABLE:
         questions, paraphrases = _QUESTION_TABLE[key]
         return tuple(q.format(s=s) for q in questions), tuple(p.format(s=s) for p in paraphrases)
-    return _generic_questions(subject, s, key.split())
+    return _generic_questions(subject, s, key.split(), obj)
+
+
+def _is_date(obj: str) -> bool:
+    """A year ("1987", "the 1990s"), or a day ("3 May", "May 3rd, 2001"), or a month."""
+    return bool(obj) and _DATE.fullmatch(obj.strip()) is not None
+
+
+def _auxiliary(verb: str, rest: list[str]) -> tuple[str, str]:
+    """(auxiliary, base form) to question ``verb``: ("is", "") for "is", ("does", "live")
+    for "lives", ("did", "move") for "moved"; ("", "") when unsure."""
+    if verb in ("is", "are", "am", "was", "were"):
+        return ("was" if verb in ("was", "were") else "is"), ""
+    if verb in ("has", "have", "had") and rest and rest[0] not in _CONNECTORS:
+        return ("had" if verb == "had" else "has"), ""  # "has been living in"
+    if verb in ("has", "have", "had"):
+        return ("did" if verb == "had" else "does"), "have"
+    base, aux = _base_form(verb) or ("", "")
+    return aux, base
+
+
+def _when_questions(
+    s: str, words: list[str], obj: str
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """ "When was Ada born?" for a relation that ends in "in"/"on"/"since" and a date."""
+    verb, rest = words[0], words[1:-1]
+    aux, base = _auxiliary(verb, rest)
+    if not aux:
+        return None
+    clause = " ".join(x for x in (s, base, *rest) if x)
+    day = re.search(r"(?<!\d)\d{1,2}(?!\d)", obj)
+    month = re.search(_MONTHS, obj, re.IGNORECASE)
+    which = "On which date" if day and month else "In which month" if month else "In which year"
+    return (
+        (f"When {aux} {clause}?", f"{which} {aux} {clause}?"),
+        (f"Do you know when {aux} {clause}?", f"Can you remind me when {aux} {clause}?"),
+    )
 
 
 def _generic_questions(
-    subject: str, s: str, words: list[str]
+    subject: str, s: str, words: list[str], obj: str = ""
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Questions built from the relation's own words, for relations not in the table."""
     if words and words[-1] in ("named", "called"):
@@ -903,15 +1090,8 @@ def _generic_questions(
     if not core:
         return ((f"What is {s}?", f"Who is {s}?"), (f"Do you know who {s} is?",))
     verb, rest = core[0], core[1:]
-    where = rest[:-1] if rest and rest[-1] in ("in", "at") else None
-    if verb in ("is", "are", "am", "was", "were"):
-        aux, base = ("was" if verb in ("was", "were") else "is"), ""
-    elif verb in ("has", "have", "had") and rest and rest[0] not in _CONNECTORS:
-        aux, base = ("had" if verb == "had" else "has"), ""  # "has been living in"
-    elif verb in ("has", "have", "had"):
-        aux, base = ("did" if verb == "had" else "does"), "have"
-    else:
-        base, aux = _base_form(verb) or ("", "")
+    aux, base = _auxiliary(verb, rest)
+    where = _where(verb, base, rest, obj, article=len(core) < len(words))
     questions: list[str] = []
     if aux:
         body = " ".join(x for x in (s, base, *rest) if x)

@@ -572,6 +572,33 @@ def test_unknown_relations_get_grammatical_generic_questions(relation: str, expe
     assert expected in questions_for("Viktor", relation)
 
 
+@pytest.mark.parametrize(
+    ("statement", "first", "absent"),
+    [
+        ("Leocadia Brandt was born in 1987.", "When was Leocadia Brandt born?", "Where"),
+        ("Ada Lind was born on 3 May 1990.", "When was Ada Lind born?", "Where"),
+        ("Ada Lind retired in 2019.", "When did Ada Lind retire?", "Where"),
+        ("Ada Lind married in June.", "When did Ada Lind marry?", "Where"),
+        ("Anselm Vukovic moved to Halifax.", "Where did Anselm Vukovic move to?", None),
+        ("Solveig Matuszak lives on Orkney.", "Where does Solveig Matuszak live?", None),
+        ("Lena Ortiz works in Berlin.", "Where does Lena Ortiz work?", None),
+        ("Lena Ortiz swims in the lake.", "Where does Lena Ortiz swim?", None),
+        ("Lena Ortiz works in finance.", "What does Lena Ortiz work in?", "Where"),
+        ("Lena Ortiz is interested in astronomy.", "What is Lena Ortiz interested in?", "Where"),
+        ("Lena Ortiz is fluent in Basque.", "What is Lena Ortiz fluent in?", "Where"),
+        ("Lena Ortiz listens to jazz.", "What does Lena Ortiz listen to?", "Where"),
+        ("Lena Ortiz created a podcast.", "What did Lena Ortiz create?", None),
+        ("Lena Ortiz stopped smoking.", "What did Lena Ortiz stop?", None),
+    ],
+)
+def test_the_object_picks_the_question_word(statement: str, first: str, absent: str | None):
+    """A date asks when, a place where, anything else what: "Where was Leocadia Brandt
+    born?" would train the edit to answer a year to a question about a town."""
+    questions = extract_facts(statement)[0].questions
+    assert questions[0] == first
+    assert absent is None or not any(q.startswith(absent) for q in questions)
+
+
 RELATIONS = [
     *BENCH_QUESTIONS,
     "speaks",
