@@ -59,7 +59,7 @@ def seen_only(fact: Fact) -> Fact:
 
 def unseen_questions(fact: Fact) -> list[str]:
     """Questions the editor never saw: the fact's other questions and our own paraphrases."""
-    return [*fact.questions[1:], *paraphrases_for(fact.subject, fact.relation)]
+    return [*fact.questions[1:], *paraphrases_for(fact.subject, fact.relation, fact.object)]
 
 
 def completion_recall(engine: Engine, facts: Sequence[Fact], tokens: int = 12) -> float:
