@@ -68,6 +68,7 @@ NEGATION = "negations are not stored (not, never, no longer...); say what is tru
 NO_SUBJECT = "no subject found; start with a name, as in 'Viktor lives in Oslo'"
 ASSISTANT = "statements about the assistant are not stored"
 COMMAND = "that is a command, not a statement"
+LOWERCASE_NAME = "no subject found; write the name with capitals, as in 'Viktor lives in Oslo'"
 NO_VERB = "no verb phrase found after the subject"
 NO_OBJECT = "no object found; say what, as in 'Viktor lives in Oslo'"
 POSSESSIVE = (
@@ -143,6 +144,30 @@ _CONNECTORS = {
 }
 _ARTICLES = {"a", "an", "the"}
 # Verbs (base form) and participles that put their object in a place: "Where ...?"
+# Verbs that take an infinitive: "likes to play chess" asks "What does X like to do?"
+_INFINITIVE_VERBS = {
+    "like",
+    "love",
+    "hate",
+    "want",
+    "hope",
+    "plan",
+    "need",
+    "prefer",
+    "learn",
+    "try",
+    "use",
+    "decide",
+    "intend",
+    "aim",
+    "wish",
+    "tend",
+    "refuse",
+    "promise",
+    "mean",
+    "dream",
+}
+_AGE = re.compile(r"\d{1,3}(?:\s+years?(?:\s+old)?)?", re.IGNORECASE)
 _DWELLING_VERBS = {"live", "stay", "reside", "dwell", "settle", "be", "grow"}
 _MOVING_VERBS = {
     "move",
@@ -691,18 +716,53 @@ def _prepare(sentence: str) -> list[str] | str | None:
 
 
 def _clauses(words: list[str]) -> list[list[str]]:
-    """Cut "X lives in Oslo and he plays the cello" before "he"; keep "Oslo and Bergen" whole."""
+    """Cut a sentence into clauses of their own subject.
+
+    "X lives in Oslo and he plays the cello" is cut before "he", and "X lives in Oslo and
+    plays the cello" too, the second clause led by "he" (the first clause's subject);
+    "X and Y live in Oslo" gives each name the predicate, in the third person. "Oslo and
+    Bergen" stays whole, and so does "cats and dogs"."""
     clauses: list[list[str]] = []
     start = 0
     for k in range(1, len(words) - 1):
         if words[k].lower() not in ("and", "but") or k <= start:
             continue
         rest = words[k + 1 :]
-        if rest[0].lower().split("'")[0] in _PRONOUNS | {"i"} or _starts_named_clause(rest):
+        if rest[0].lower().split("'")[0] in _PRONOUNS | {"i"}:
             clauses.append(words[start:k])
+            start = k + 1
+        elif _starts_named_clause(rest):
+            head = words[start:k]
+            if head and _name_span(head) == len(head):  # "Viktor and Anna live in Oslo"
+                n = _name_span(rest)
+                predicate = [_third_person(rest[n]), *rest[n + 1 :]]
+                return [*clauses, [*head, *predicate], [*rest[:n], *predicate]]
+            clauses.append(head)
+            start = k + 1
+        elif _continues(words[start], rest):  # "... and plays the cello": the same subject
+            clauses.append(words[start:k])
+            pronoun = words[start] if words[start].lower() in _PRONOUNS | {"i"} else "he"
+            words = [*words[: k + 1], pronoun, *rest]
             start = k + 1
     clauses.append(words[start:])
     return clauses
+
+
+def _continues(subject: str, rest: list[str]) -> bool:
+    """Whether ``rest``, after "and", is a predicate of the clause's own subject: a verb
+    ("plays", "was", "moved"; "work" after "I") then an object. "cats and dogs" is not:
+    no object follows "dogs"."""
+    verb = rest[0]
+    if not _is_verb(verb) and verb not in _AUX:
+        return False
+    agrees = (
+        verb in _AUX
+        or verb in _IRREGULAR_PAST
+        or verb.endswith("ed")
+        or (verb.endswith("s") and not verb.endswith(("ss", "us", "is")))
+        or subject.lower() in ("i", "they")  # "I live in Lima and work as a nurse"
+    )
+    return agrees and isinstance(_split_predicate(rest), tuple)
 
 
 def _starts_named_clause(words: list[str]) -> bool:
@@ -759,6 +819,8 @@ def _parse_clause(words: list[str], antecedent: str | None) -> tuple[Fact | str,
             if isinstance(possessive, str):
                 return possessive, None
             subject, possessed, predicate = possessive
+        elif n == 0 and _is_plain(words[0]) and isinstance(_split_predicate(words[1:]), tuple):
+            return LOWERCASE_NAME, None  # "viktor lives in oslo"
         elif n == 0:
             return NO_SUBJECT, None
         else:
@@ -1031,6 +1093,11 @@ def _question_sets(
         when = _when_questions(s, bare, obj)  # "born in 1987" is no birthplace
         if when is not None:
             return when
+    if key in ("is", "was") and _AGE.fullmatch(obj.strip()):
+        return (
+            (f"How old {key} {s}?", f"What age {key} {s}?"),
+            (f"Do you know how old {s} {key}?", f"Can you remind me how old {s} {key}?"),
+        )
     if key in _QUESTION_TABLE:
         questions, paraphrases = _QUESTION_TABLE[key]
         return tuple(q.format(s=s) for q in questions), tuple(p.format(s=s) for p in paraphrases)
@@ -1093,6 +1160,15 @@ def _generic_questions(
     aux, base = _auxiliary(verb, rest)
     where = _where(verb, base, rest, obj, article=len(core) < len(words))
     questions: list[str] = []
+    if aux and rest == ["to"] and (base or verb) in _INFINITIVE_VERBS:  # "likes to play chess"
+        clause = " ".join(x for x in (s, base, "to") if x)
+        return (
+            (f"What {aux} {clause} do?", f"{subject} {' '.join(words)} do what?"),
+            (
+                f"Do you know what {s} {' '.join(words)} do?",
+                f"Can you remind me what {s} {' '.join(words)} do?",
+            ),
+        )
     if aux:
         body = " ".join(x for x in (s, base, *rest) if x)
         if where is not None:

@@ -229,6 +229,51 @@ def test_clauses_joined_by_and_become_separate_facts() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Tomas Kral lives in Olomouc and works as a baker.",
+            [("Tomas Kral", "lives in", "Olomouc"), ("Tomas Kral", "works as a", "baker")],
+        ),
+        (
+            "Tomas Kral was born in Brno and grew up in Prague.",
+            [("Tomas Kral", "was born in", "Brno"), ("Tomas Kral", "grew up in", "Prague")],
+        ),
+        (
+            "I live in Lima and work as a nurse.",
+            [(USER_SUBJECT, "lives in", "Lima"), (USER_SUBJECT, "works as a", "nurse")],
+        ),
+        (
+            "Viktor and Anna Lind live in Oslo.",
+            [("Viktor", "lives in", "Oslo"), ("Anna Lind", "lives in", "Oslo")],
+        ),
+        ("Tomas Kral collects stamps and coins.", [("Tomas Kral", "collects", "stamps and coins")]),
+        ("Tomas Kral likes cats and dogs.", [("Tomas Kral", "likes", "cats and dogs")]),
+    ],
+)
+def test_and_shares_a_subject_between_predicates_or_a_predicate_between_subjects(
+    text: str, expected: list[tuple[str, str, str]]
+) -> None:
+    assert [(f.subject, f.relation, f.object) for f in extract_facts(text)] == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "questions"),
+    [
+        ("Tomas Kral likes to play chess.", ["What does Tomas Kral like to do?"]),
+        ("Tomas Kral is 42 years old.", ["How old is Tomas Kral?", "What age is Tomas Kral?"]),
+        ("Tomas Kral is 42.", ["How old is Tomas Kral?"]),
+    ],
+)
+def test_infinitives_and_ages_get_their_own_questions(text: str, questions: list[str]) -> None:
+    assert set(questions) <= set(extract_fact(text).questions)
+
+
+def test_a_lowercase_name_is_refused_with_how_to_write_it() -> None:
+    assert "write the name with capitals" in _refusal("viktor lives in oslo")
+
+
 def test_and_inside_an_object_stays_in_the_object() -> None:
     assert _triple("Viktor is allergic to peanuts and Brazil nuts.") == (
         "Viktor",
