@@ -661,7 +661,7 @@ def _analyse(text: str, last_subject: str | None) -> tuple[list[Fact], list[str]
         if isinstance(words, str):
             reasons.append(words)
             continue
-        for index, clause in enumerate(_clauses(words)):
+        for index, clause in enumerate(_appositive(words) or _clauses(words)):
             result, named = _parse_clause(clause, antecedent)
             antecedent = named or antecedent
             if isinstance(result, Fact):
@@ -732,12 +732,12 @@ def _clauses(words: list[str]) -> list[list[str]]:
             clauses.append(words[start:k])
             start = k + 1
         elif _starts_named_clause(rest):
-            head = words[start:k]
-            if head and _name_span(head) == len(head):  # "Viktor and Anna live in Oslo"
+            names = _names(words[start:k])
+            if names:  # "Viktor and Anna live in Oslo", "Viktor, Anna and Olga live ..."
                 n = _name_span(rest)
                 predicate = [_third_person(rest[n]), *rest[n + 1 :]]
-                return [*clauses, [*head, *predicate], [*rest[:n], *predicate]]
-            clauses.append(head)
+                return [*clauses, *([*name, *predicate] for name in [*names, rest[:n]])]
+            clauses.append(words[start:k])
             start = k + 1
         elif _continues(words[start], rest):  # "... and plays the cello": the same subject
             clauses.append(words[start:k])
@@ -746,6 +746,18 @@ def _clauses(words: list[str]) -> list[list[str]]:
             start = k + 1
     clauses.append(words[start:])
     return clauses
+
+
+def _names(words: list[str]) -> list[list[str]]:
+    """ "Viktor Berg" or "Viktor, Anna Lind" as a list of names; [] if not only names."""
+    names: list[list[str]] = [[]]
+    for word in words:
+        names[-1].append(word.rstrip(","))
+        if word.endswith(","):
+            names.append([])
+    if any(not name or _name_span(name) != len(name) for name in names):
+        return []
+    return names
 
 
 def _continues(subject: str, rest: list[str]) -> bool:
@@ -763,6 +775,21 @@ def _continues(subject: str, rest: list[str]) -> bool:
         or subject.lower() in ("i", "they")  # "I live in Lima and work as a nurse"
     )
     return agrees and isinstance(_split_predicate(rest), tuple)
+
+
+def _appositive(words: list[str]) -> list[list[str]] | None:
+    """ "Viktor Berg, a dentist, lives in Brno": the clause "Viktor Berg is a dentist", then
+    the sentence's own ("Viktor Berg lives in Brno", cut further by :func:`_clauses`). Only
+    a phrase led by an article counts, so that "Viktor, Anna and Olga" stays a list."""
+    n = _name_span([w.rstrip(",") for w in words])
+    if not n or not words[n - 1].endswith(",") or words[n].lower() not in _ARTICLES:
+        return None
+    for j in range(n, min(n + 8, len(words) - 1)):
+        if words[j].endswith(","):
+            name = [w.rstrip(",") for w in words[:n]]
+            phrase = [*words[n:j], words[j].rstrip(",")]
+            return [[*name, "is", *phrase], *_clauses([*name, *words[j + 1 :]])]
+    return None
 
 
 def _starts_named_clause(words: list[str]) -> bool:

@@ -248,11 +248,23 @@ def test_clauses_joined_by_and_become_separate_facts() -> None:
             "Viktor and Anna Lind live in Oslo.",
             [("Viktor", "lives in", "Oslo"), ("Anna Lind", "lives in", "Oslo")],
         ),
+        (
+            "Viktor, Anna and Olga Berg live in Rome.",
+            [
+                ("Viktor", "lives in", "Rome"),
+                ("Anna", "lives in", "Rome"),
+                ("Olga Berg", "lives in", "Rome"),
+            ],
+        ),
+        (
+            "Viktor Johansson, a dentist, lives in Brno.",
+            [("Viktor Johansson", "is a", "dentist"), ("Viktor Johansson", "lives in", "Brno")],
+        ),
         ("Tomas Kral collects stamps and coins.", [("Tomas Kral", "collects", "stamps and coins")]),
         ("Tomas Kral likes cats and dogs.", [("Tomas Kral", "likes", "cats and dogs")]),
     ],
 )
-def test_and_shares_a_subject_between_predicates_or_a_predicate_between_subjects(
+def test_and_and_appositives_share_a_subject_or_a_predicate(
     text: str, expected: list[tuple[str, str, str]]
 ) -> None:
     assert [(f.subject, f.relation, f.object) for f in extract_facts(text)] == expected
