@@ -1069,9 +1069,9 @@ def _where(verb: str, base: str, rest: list[str], obj: str, article: bool) -> li
 
     After "in" or "at", a name ("works in Berlin"), a noun with its article ("swims in the
     lake") or a verb of dwelling ("lives in poverty" aside) ask where; a bare lowercase
-    word does not ("works in finance"), nor an adjective ("is fluent in Basque"). After "on", "to" and
-    "near", only verbs of dwelling and moving do ("lives on Orkney", "moved to Halifax",
-    not "listens to jazz")."""
+    word does not ("works in finance"), nor an adjective ("is fluent in Basque"). After
+    "on", "to" and "near", only verbs of dwelling and moving do ("lives on Orkney", "moved
+    to Halifax", not "listens to jazz")."""
     if not rest or rest[-1] not in ("in", "at", "on", "to", "near"):
         return None
     prep, words = rest[-1], rest[:-1]
