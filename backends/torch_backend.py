@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -471,7 +472,9 @@ class TorchBackend:
             lora_dropout=0.0,
             bias="none",
         )
-        peft_model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():  # peft asks the model a property transformers renamed
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            peft_model = get_peft_model(self.model, config)
         try:
             lora = {
                 name.removeprefix("base_model.model.").replace(".default", ""): p

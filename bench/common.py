@@ -123,31 +123,69 @@ def first_tokens(engine: Engine, prompts: Sequence[str], n: int = 10) -> dict[st
     return {p: tuple(o) for p, o in zip(prompts, outs, strict=True)}
 
 
+def object_nll(engine: Engine, facts: Sequence) -> dict[str, float]:
+    """How unlikely each fact's object is after its prompt, in nats: NLL(prompt + " " +
+    object) − NLL(prompt), keyed by prompt."""
+    b = engine.backend
+    return {f.prompt: b.nll([f"{f.prompt} {f.object}"])[0] - b.nll([f.prompt])[0] for f in facts}
+
+
+def _leading_match(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two completions share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+
+
 def forget_phase(
-    engine: Engine, unedited: dict[str, tuple], controls: Sequence[str], n: int
+    engine: Engine,
+    unedited: dict[str, tuple],
+    controls: Sequence[str],
+    n: int,
+    unedited_nll: dict[str, float] | None = None,
 ) -> dict:
     """Forget ``n`` memories spread over the ledger.
 
     Their prompts' first 10 greedy tokens are compared with the unedited model's; so are the
     prompts of ``controls``, facts never written, because the memories that stay also move
     the answers about unknown people (near-ties on a small model): a forgotten prompt can
-    only be expected back as often as a never-written one is. The others' recall is measured
-    before and after.
+    only be expected back as often as a never-written one is. Finer than "all 10 tokens",
+    the mean number of leading tokens that agree is given for both. With
+    ``unedited_nll`` (:func:`object_nll` before any write), how unlikely each forgotten
+    object is, before the write, before the forget and after it. The others' recall is
+    measured before and after.
     """
     memories = list(engine.memories)
     gone = memories[:: max(1, len(memories) // n)][:n]
     kept = [m for m in memories if m not in gone]
     before = engine.check(kept)
+    nll_before = object_nll(engine, gone) if unedited_nll is not None else {}
     reports = engine.forget_many([m.id for m in gone])
     after = engine.check(kept)
     now = first_tokens(engine, [m.prompt for m in gone] + list(controls))
     held = [a.completion for b, a in zip(before, after, strict=True) if b.completion]
+    nll = {}
+    if unedited_nll is not None:
+        nll_after = object_nll(engine, gone)
+        nll = {
+            f"object_nll_{when}": float(np.mean([d[m.prompt] for m in gone]))
+            for when, d in (
+                ("unedited", unedited_nll),
+                ("before", nll_before),
+                ("after", nll_after),
+            )
+        }
     return {
         "forgotten": len(gone),
         "of": len(memories),
         "still_said": sum(not r.verified for r in reports),
         "as_unedited_10_tokens": sum(now[m.prompt] == unedited[m.prompt] for m in gone),
         "controls_as_unedited_10_tokens": sum(now[p] == unedited[p] for p in controls),
+        "leading_tokens_as_unedited": float(
+            np.mean([_leading_match(now[m.prompt], unedited[m.prompt]) for m in gone])
+        ),
+        "controls_leading_tokens_as_unedited": float(
+            np.mean([_leading_match(now[p], unedited[p]) for p in controls])
+        ),
+        **nll,
         "controls": len(controls),
         "others_recall_before": sum(b.completion for b in before) / len(kept),
         "others_recall_after": sum(a.completion for a in after) / len(kept),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, first_tokens, forget_phase, load_facts  # noqa: E402
+from common import OUT, first_tokens, forget_phase, load_facts, object_nll  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -39,9 +39,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         engine = Engine.open(model=args.model, state=state)
         unedited = first_tokens(engine, [f.prompt for f in written] + controls)
+        unedited_nll = object_nll(engine, written)
         console.print(f"writing {len(written)} facts one at a time")
         engine.remember(written)
-        result = forget_phase(engine, unedited, controls, args.forget)
+        result = forget_phase(engine, unedited, controls, args.forget, unedited_nll)
         result["ledger_entries_after"] = len(engine.ledger.memories)
         engine.close()
     table = Table(title=f"forget {result['forgotten']} of {result['of']}")

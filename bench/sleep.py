@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     first_tokens,
     forget_phase,
     load_facts,
+    object_nll,
     paragraph_nll,
     write_outputs,
 )
@@ -123,6 +124,7 @@ def main() -> None:
         pool = facts[: args.max_facts + args.max_facts // 4 + 1]
         controls = [f.prompt for f in facts[200:220]]  # people no phase writes
         unedited = first_tokens(engine, [f.prompt for f in pool] + controls)
+        unedited_nll = object_nll(engine, pool)
         n_a, start_a = inject(engine, facts, until_degraded=3, limit=args.max_facts)
         console.print(f"phase A: {n_a} facts, recall before sleep {start_a:.3f}")
         sleep_phase(engine, "A", rows, 10)
@@ -133,7 +135,11 @@ def main() -> None:
         sleep_phase(engine, "idle", rows, args.idle, stop_converged=False)
         ppl_end = paragraph_nll(engine)
         entries, distinct = len(engine.ledger.memories), len({m.id for m in engine.ledger.memories})
-        forget = forget_phase(engine, unedited, controls, args.forget) if args.forget else None
+        forget = (
+            forget_phase(engine, unedited, controls, args.forget, unedited_nll)
+            if args.forget
+            else None
+        )
         if forget:
             console.print(f"forget: {forget}")
             log_row({"phase": "forget", **forget})
