@@ -828,8 +828,16 @@ class Engine:
         )
 
     def refresh_editor(self) -> Editor:
-        """The editor sleep refreshes with: wake's settings, with sleep's smaller clamp on δ."""
-        return self.editor().with_clamp(self.sleep_cfg.refresh_clamp_norm)
+        """The editor sleep refreshes with: wake's settings, with sleep's smaller clamp on δ
+        and the plain chat share (a refresh is for a memory that stopped completing; with
+        ``chat_share_per_turn`` a fact's several questions would outweigh its prompts)."""
+        editor = self.editor()
+        cfg = replace(
+            editor.cfg,
+            clamp_norm=self.sleep_cfg.refresh_clamp_norm,
+            chat_share_per_turn=False,
+        )
+        return editor.on(self.backend, cfg)
 
     def _apply_all(self) -> None:
         """W = W_base + Σ scale · u @ v over the ledger's memories, in one pass at start-up."""

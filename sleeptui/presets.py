@@ -26,6 +26,9 @@ class EditConfig:
         chat_keys: The chat turns' keys form a second key column per memory.
         chat_share: The chat turns' share of v*'s target NLL, the raw prompts sharing the
             rest; None: every rendering counts alike (four prefixes and one question: 1/5).
+        chat_share_per_turn: ``chat_share`` is what one chat turn gets beside the raw
+            prompts; n turns (a fact's questions) get n·ρ / (1 + n·ρ), ρ = share / (1 −
+            share): with one question the same, with three at 0.5, 0.75.
         constrain_wake: Wake edits hold other memories' keys at zero residual (eq. 5).
         cov_tokens: Token vectors sampled for the covariance C (a few times d_in suffice).
         cov_shrink: Shrinkage of Ĉ towards (tr Ĉ / d)·I before it is inverted (0: none).
@@ -85,6 +88,7 @@ class EditConfig:
     chat_targets: bool = True
     chat_keys: bool = True
     chat_share: float | None = None
+    chat_share_per_turn: bool = False
     cov_tokens: int = 8192
     cov_shrink: float = 0.0
     cov_names: float = 0.0
@@ -213,7 +217,10 @@ PRESETS: dict[str, Preset] = {
             # than 0.3: over four sets of 40 facts chat 0.95 against 0.91 and unseen
             # paraphrases 0.78 against 0.72 at the same drift; at 80 on two sets, completion
             # and unseen paraphrases as good or better, chat within one fact, drift the same
-            # or lower (README "Steering δ away from sensitive directions").
+            # or lower (README "Steering δ away from sensitive directions"). The half is
+            # shared by a fact's questions: per question (chat_share_per_turn) answers more
+            # chat on 60 statements of our own but loses completions, the end-to-end tests'
+            # own fact among them (README "Statements of our own").
             edit=EditConfig(
                 layers=(4, 5, 6, 7, 8, 9),
                 lam=1e3,

@@ -155,7 +155,14 @@ class Editor:
         )
 
     def _shares(self, r: FactRenderings) -> tuple[float, ...]:
-        return r.shares(self.cfg.chat_share) or (1 / len(r.targets),) * len(r.targets)
+        share = self.cfg.chat_share
+        n_chat = len(r.targets) - r.n_raw
+        if share is not None and self.cfg.chat_share_per_turn and 0 < share < 1 and n_chat:
+            # Each turn weighs what one turn alone would: share / (1 − share) times the raw
+            # prompts together, so n turns take n·ρ / (1 + n·ρ) of the NLL.
+            rho = n_chat * share / (1 - share)
+            share = rho / (1 + rho)
+        return r.shares(share) or (1 / len(r.targets),) * len(r.targets)
 
     def achieved(self, fact: Fact) -> float:
         """The target NLL of eq. 1 that the model reaches now with no shift (δ = 0).

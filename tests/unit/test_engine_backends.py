@@ -296,6 +296,21 @@ def test_the_chat_turns_weigh_their_share_of_the_objective(engine, share):
     assert chat == pytest.approx(expected) and sum(weights) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("questions", "expected"), [(1, 0.5), (2, 2 / 3), (3, 0.75)])
+def test_per_turn_chat_shares_give_each_question_what_one_alone_gets(engine, questions, expected):
+    """``chat_share_per_turn``: n questions at a share of 0.5 weigh n / (n + 1) together,
+    each as much as the raw prompts together; one question is the plain share."""
+    engine.cfg = replace(engine.cfg, chat_share=0.5, chat_share_per_turn=True)
+    fact = replace(
+        FACTS[0],
+        questions=tuple(f"Question {i} about {FACTS[0].subject}?" for i in range(questions)),
+    )
+    rendered = engine.editor().render(fact)
+    weights = engine.editor().shift_problem(rendered).token_weights()
+    n_raw = sum(len(r.target_positions) for r in rendered.key_groups[0])
+    assert sum(weights[n_raw:]) == pytest.approx(expected) and sum(weights) == pytest.approx(1.0)
+
+
 def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
     engine.cfg = replace(engine.cfg, cov_shrink=0.7)
     c_inv = engine.editor().c_inv
