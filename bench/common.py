@@ -194,10 +194,20 @@ def forget_phase(
     }
 
 
-def paragraph_nll(engine: Engine) -> np.ndarray:
+def paragraph_nll(engine: Engine, paragraphs: Sequence[str] | None = None) -> np.ndarray:
     """Each reference paragraph's summed NLL and token count (rows): ``Engine.perplexity``
-    taken apart, at the same cost, so that a drift can be given with its standard error."""
-    return np.array([engine.backend.nll([p]) for p in reference_text()], dtype=np.float64)
+    taken apart, at the same cost, so that a drift can be given with its standard error.
+    ``paragraphs``: another text's instead of the reference text's."""
+    texts = reference_text() if paragraphs is None else paragraphs
+    return np.array([engine.backend.nll([p]) for p in texts], dtype=np.float64)
+
+
+def text_paragraphs(path: Path, max_chars: int = 1500) -> list[str]:
+    """A text file's paragraphs (blank-line separated, whitespace folded), long ones cut
+    at ``max_chars``: a second text to measure drift on beside the reference."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    paragraphs = (" ".join(p.split()) for p in raw.split("\n\n"))
+    return [p[:max_chars] for p in paragraphs if len(p) > 80]
 
 
 def drift_pct(base: np.ndarray, now: np.ndarray, samples: int = 4000) -> tuple[float, float]:

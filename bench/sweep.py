@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     load_facts,
     paragraph_nll,
     seen_only,
+    text_paragraphs,
     unchanged,
 )
 
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("settings", nargs="+", help="JSON objects of EditConfig overrides")
     p.add_argument("--facts", type=Path)
     p.add_argument("--model")
+    p.add_argument("--text", type=Path, help="also report the drift on this text's paragraphs")
     args = p.parse_args()
     pool = load_facts(args.facts)
     facts = pool[: args.n]
@@ -60,7 +62,8 @@ def main() -> None:
     backend = load_backend(source)
     unrelated = [f.questions[0] for f in pool[200:220]] + list(GENERAL_QUESTIONS)
     settings = [json.loads(text) for text in args.settings]
-    pristine = before = ppl0 = answers = nll0 = None
+    other = text_paragraphs(args.text) if args.text else None
+    pristine = before = ppl0 = other0 = answers = nll0 = None
     for changes in settings:
         with tempfile.TemporaryDirectory() as state:
             folder = StateFolder.open(state)
@@ -70,6 +73,7 @@ def main() -> None:
                 pristine = {layer: backend.weight(layer) for layer in layers}
                 before = chat_answers(engine, unrelated, tokens=10)
                 ppl0 = paragraph_nll(engine)
+                other0 = paragraph_nll(engine, other) if other else None
                 answers = [
                     engine.chat_prompt(q) + a for q, a in zip(unrelated, before, strict=True)
                 ]
@@ -97,6 +101,9 @@ def main() -> None:
                 "answer_nll_general": nll_change(backend.nll(answers[20:]), nll0[1]),
                 "median_s_per_fact": round(statistics.median(seconds), 2),
             }
+            if other:
+                pct, se = drift_pct(other0, paragraph_nll(engine, other))
+                row["text_ppl_change_pct"], row["text_ppl_change_se"] = round(pct, 2), round(se, 2)
             print(json.dumps(row), flush=True)
             folder.close()
         for layer, w in pristine.items():

@@ -219,6 +219,27 @@ def chat_covariance(backend: Backend, layers: Sequence[int]) -> dict[int, np.nda
     return _second_moments(backend, rows, [list(range(len(r))) for r in rows], layers)
 
 
+def text_covariance(backend: Backend, layers: Sequence[int]) -> dict[int, np.ndarray]:
+    """E[k kᵀ] over every token of prose written for sleeptui (``data/prior_text.txt``:
+    stories, news, letters, recipes, notices; never the perplexity reference text).
+
+    Ĉ comes from the model's own samples, and real text has more variance in Ĉ's weak
+    directions than Ĉ says (README "Shrinking Ĉ"): an edit solved against Ĉ alone reaches
+    further into written text than the solve believes. Added to Ĉ (``EditConfig.cov_text``),
+    eq. 3 pays for that reach.
+    """
+    rows = [backend.encode(p) for p in prior_text()]
+    return _second_moments(backend, rows, [list(range(len(r))) for r in rows], layers)
+
+
+def prior_text() -> list[str]:
+    """The paragraphs of ``data/prior_text.txt``."""
+    from importlib.resources import files
+
+    text = files("sleeptui").joinpath("data/prior_text.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
 def _second_moments(
     backend: Backend,
     rows: Sequence[Sequence[int]],
@@ -242,6 +263,7 @@ def _second_moments(
 PRIORS: dict[str, Callable[[Backend, Sequence[int]], dict[int, np.ndarray]]] = {
     "names": names_covariance,
     "chat": chat_covariance,
+    "text": text_covariance,
 }
 
 

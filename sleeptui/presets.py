@@ -40,6 +40,10 @@ class EditConfig:
             of chat prompts (``covariance.chat_covariance``: the template and the request
             that every answer is read after) added to the regulariser: the edit then changes
             the answers to unrelated questions less. 0: off.
+        cov_text: Weight, relative to Ĉ's trace, of the second moment of keys at every token
+            of prose written for sleeptui (``covariance.text_covariance``) added to the
+            regulariser: the edit then reaches less into written text, where Ĉ, sampled from
+            the model, underestimates the variance. 0: off.
         lam_hold: The regularisation the held keys of eq. 5 see. Their columns of K are scaled
             by √(λ / lam_hold), so that a λ large enough to keep the new facts' edit small
             does not also loosen the hold on the old ones (equal to λ: the papers' eq. 5).
@@ -93,6 +97,7 @@ class EditConfig:
     cov_shrink: float = 0.0
     cov_names: float = 0.0
     cov_chat: float = 0.0
+    cov_text: float = 0.0
     lam_hold: float = 0.1
     hold_name: bool = False
     hold_same_subject: bool = False
@@ -105,7 +110,7 @@ class EditConfig:
     @property
     def cov_priors(self) -> dict[str, float]:
         """The priors of ``covariance.PRIORS`` added to eq. 3's regulariser, by weight."""
-        weights = {"names": self.cov_names, "chat": self.cov_chat}
+        weights = {"names": self.cov_names, "chat": self.cov_chat, "text": self.cov_text}
         return {kind: w for kind, w in weights.items() if w}
 
     @property

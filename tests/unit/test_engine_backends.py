@@ -322,7 +322,7 @@ def test_the_editor_solves_against_the_covariance_shrunk_as_configured(engine):
         assert not np.allclose(got, memit.inverse_covariance(cov[layer]), rtol=0.1)
 
 
-@pytest.mark.parametrize("kind", ["names", "chat"])
+@pytest.mark.parametrize("kind", ["names", "chat", "text"])
 def test_a_prior_is_probed_once_then_read_from_the_cache(engine, tmp_path, kind):
     engine.cfg = replace(engine.cfg, cov_shrink=0.7, **{f"cov_{kind}": 0.3})
     c_inv = engine.editor().c_inv
