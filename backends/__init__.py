@@ -121,6 +121,12 @@ class Backend(Protocol):
     name: str
     info: ModelInfo
 
+    @property
+    def numerics(self) -> str:
+        """The device and precision the model runs in, e.g. "cpu-float32": a measured
+        perplexity depends on it as well as on the weights."""
+        ...
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no special tokens added."""
         ...

@@ -133,6 +133,17 @@ class MLXBackend:
             source=source,
         )
 
+    @property
+    def numerics(self) -> str:
+        """The device and precision the model runs in ("mlx-cpu-float32-q"): what a measured
+        perplexity depends on beside the weights."""
+        embed = self.model.model.embed_tokens  # quantised: uint32 codes, real-valued scales
+        dtype = getattr(embed, "scales", embed.weight).dtype
+        quantised = "-q" if hasattr(embed, "scales") else ""
+        return (
+            f"mlx-{mx.default_device().type.name}-{str(dtype).removeprefix('mlx.core.')}{quantised}"
+        )
+
     @classmethod
     def from_gguf(cls, path: Path, cache: Path) -> MLXBackend:
         """Load a llama GGUF file; Q4_0/Q4_1/Q8_0 tensors stay quantised (down_proj aside).

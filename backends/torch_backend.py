@@ -574,6 +574,14 @@ class TorchBackend:
     def _device(self) -> torch.device:
         return self.model.model.embed_tokens.weight.device
 
+    @property
+    def numerics(self) -> str:
+        """Where and in what precision the model runs ("cpu-float32", "cuda-bfloat16",
+        "cuda-bfloat16-nf4"): what a measured perplexity depends on beside the weights."""
+        dtype = str(self.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        nf4 = any(_is_4bit(m) for m in self.model.modules())
+        return f"{self._device.type}-{dtype}" + ("-nf4" if nf4 else "")
+
     def _down_proj(self, layer: int) -> HFModule:
         return self.model.model.layers[layer].mlp.down_proj
 

@@ -9,6 +9,7 @@ import copy
 import functools
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -738,12 +739,12 @@ class Engine:
         measured against.
 
         It belongs to the model and the reference text, not to the state folder, so it is
-        cached per model, backend and reference text. When it is not cached it is measured
+        cached per model, backend, device, precision and reference text. When it is not cached it is measured
         (with ``measure``; else None), every delta and the adapter taken out for the
         measurement and the weights put back exactly.
         """
         if self._base_ppl is None:
-            path = base_perplexity_path(cache_dir(), self.fingerprint, type(self.backend).__name__)
+            path = base_perplexity_path(cache_dir(), self.fingerprint, self.backend)
             self._base_ppl = _read_number(path)
             if self._base_ppl is None and measure:
                 self._base_ppl = self._unedited_perplexity()
@@ -894,11 +895,13 @@ def _reference() -> str:
     return files("sleeptui").joinpath("data/reference.txt").read_text(encoding="utf-8")
 
 
-def base_perplexity_path(cache: Path, fingerprint: str, backend: str) -> Path:
-    """Where the unedited model's perplexity is cached: per model, backend (their numerics
-    differ a little) and version of the reference text."""
+def base_perplexity_path(cache: Path, fingerprint: str, backend: Backend) -> Path:
+    """Where the unedited model's perplexity is cached: per model, backend, device and
+    precision (``Backend.numerics``: bf16 on a GPU and float32 on the CPU differ by more than
+    a drift threshold) and version of the reference text."""
     text = hashlib.sha256(_reference().encode()).hexdigest()[:16]
-    return cache / "perplexity" / f"{fingerprint[:16]}-{backend}-{text}.json"
+    numerics = re.sub(r"[^A-Za-z0-9_.-]", "_", backend.numerics)
+    return cache / "perplexity" / f"{fingerprint[:16]}-{backend.name}-{numerics}-{text}.json"
 
 
 def _read_number(path: Path) -> float | None:

@@ -141,9 +141,9 @@ class Ledger:
         last_sleep_at: When the last sleep cycle committed (None before the first).
         ppl_base: The unedited model's perplexity of the held-out reference text (no memory,
             no adapter), recorded at each write and sleep. A record for readers of the
-            folder: the engine measures drift against the value it caches per model and
-            version of the reference text (``Engine.base_perplexity``), so a folder written
-            by a version with another text is not misread.
+            folder: the engine measures drift against the value it caches per model,
+            device, precision and version of the reference text (``Engine.base_perplexity``),
+            so a folder written on another machine or with another text is not misread.
         adapter: The consolidation adapter, once one has been trained.
     """
 

@@ -376,6 +376,20 @@ def test_the_sensitivity_is_measured_once_then_read_from_the_cache(engine, tmp_p
         del again.backend.residual_fisher
 
 
+def test_the_unedited_perplexity_is_cached_per_device_and_precision(engine, tmp_path):
+    """bf16 on a GPU and float32 on the CPU measure perplexities a drift threshold apart:
+    one must never be compared with the other's."""
+    here = base_perplexity_path(tmp_path, engine.fingerprint, engine.backend)
+    assert engine.backend.numerics in here.name
+
+    class OnAnotherDevice:
+        name = engine.backend.name
+        numerics = "cuda-bfloat16"
+
+    there = base_perplexity_path(tmp_path, engine.fingerprint, OnAnotherDevice())
+    assert there != here and there.parent == here.parent
+
+
 def test_the_unedited_perplexity_is_measured_without_the_memories_then_cached(
     engine, tmp_path, monkeypatch
 ):
@@ -385,7 +399,7 @@ def test_the_unedited_perplexity_is_measured_without_the_memories_then_cached(
     assert engine.perplexity() != unedited
     # Nothing cached yet (the test's own cache): measured with both deltas taken out.
     engine._base_ppl = None
-    base_perplexity_path(cache_dir(), engine.fingerprint, type(engine.backend).__name__).unlink()
+    base_perplexity_path(cache_dir(), engine.fingerprint, engine.backend).unlink()
     assert engine.base_perplexity() == pytest.approx(unedited, rel=1e-5)
     for layer, w in base_weights(engine.backend).items():  # put back exactly
         np.testing.assert_array_equal(w, edited[layer])
