@@ -184,8 +184,17 @@ def _facts_of(args: argparse.Namespace) -> list[Fact]:
 
 @contextmanager
 def _engine(args: argparse.Namespace):
-    from sleeptui.engine import Engine
+    from sleeptui.engine import Engine, on_apple_silicon
 
+    if args.backend == "mlx" and not on_apple_silicon():
+        err.print(
+            Text.assemble(
+                ("note: ", "bold"),
+                "off Apple silicon MLX runs on its CPU build, whose matrix products are "
+                'tens of times slower than torch\'s (README "Benchmarks"); a write can take '
+                "minutes. --backend torch is the fast one here.",
+            )
+        )
     with _progress() as report:
         engine = Engine.open(
             model=args.model,

@@ -52,7 +52,7 @@ def load_backend(
     from sleeptui.errors import SleeptuiError
 
     if backend == "auto":
-        backend = "mlx" if _apple_silicon() and _has("mlx_lm") else "torch"
+        backend = "mlx" if on_apple_silicon() and _has("mlx_lm") else "torch"
     if backend == "mlx":
         if not _has("mlx_lm"):
             raise SleeptuiError(
@@ -89,7 +89,7 @@ def load_backend(
     )
 
 
-def _apple_silicon() -> bool:
+def on_apple_silicon() -> bool:
     import platform
     import sys
 

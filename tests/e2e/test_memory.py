@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sleeptui.engine import ANSWER_TOKENS, Engine, repeats_itself
+from sleeptui.engine import ANSWER_TOKENS, Engine, on_apple_silicon, repeats_itself
 from sleeptui.extract import extract_fact
 from sleeptui.state import StateFolder
 
@@ -222,6 +222,16 @@ def test_cli_refuses_a_question_and_changes_nothing(tmp_path):
     assert proc.returncode == 2
     assert "question" in proc.stderr
     assert not (state / "ledger.json").exists()
+
+
+@pytest.mark.skipif(on_apple_silicon(), reason="MLX is the fast backend on Apple silicon")
+def test_mlx_off_apple_silicon_says_it_is_slow_and_torch_says_nothing(tmp_path):
+    pytest.importorskip("mlx_lm", reason="mlx is not installed: pip install 'sleeptui[mlx]'")
+    state = tmp_path / "state"
+    slow = sleeptui("--backend", "mlx", "complete", "The capital of France is", state=state)
+    assert "note:" in slow.stderr and "--backend torch" in slow.stderr
+    fast = sleeptui("complete", "The capital of France is", state=state)
+    assert fast.stderr == ""
 
 
 def test_missing_preset_weights_say_where_sleeptui_looked(tmp_path):
