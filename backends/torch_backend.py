@@ -113,6 +113,8 @@ class TorchBackend:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         with _no_hf_progress():  # the engine reports the load itself
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if four_bit:
+            _keep_4bit_differentiable(model)
         backend = cls(model, tok, str(folder))
         for layer in edit_layers:
             backend._editable(layer)
@@ -900,6 +902,19 @@ def _down_proj_path(layer: int) -> str:
 
 def _is_4bit(mod: HFModule) -> bool:
     return type(mod).__name__ == "Linear4bit"
+
+
+def _keep_4bit_differentiable(model: HFModule) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` on its first forward pass without gradients
+    (any generation) when the CPU has AVX512-BF16, and from then on multiplies with a kernel
+    that has no backward: v*'s gradient would silently skip every 4-bit projection after the
+    edit layer and flow through the residual stream alone. CUDA never takes that path.
+    """
+    for mod in model.modules():
+        if _is_4bit(mod):
+            mod.support_avx512bf16_for_cpu = False
 
 
 def _dequantised(mod: HFModule) -> torch.Tensor:

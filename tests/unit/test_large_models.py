@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -102,9 +103,7 @@ def test_a_4bit_model_edits_without_touching_its_quantised_weights(checkpoint, t
     # Edited layers, and the two the fingerprint reads, are loaded exact; the rest is NF4.
     assert kinds == ["Linear", "Linear", "Linear", "Linear"]
     assert type(layers[1].mlp.up_proj).__name__ == "Linear4bit"
-    # bitsandbytes 0.50 repacks 4-bit weights for its CPU kernels on the first forward
-    # pass (every byte changes once, never again); the bytes to keep are those after it.
-    backend.greedy([backend.encode("Hello")], 1)
+    backend.greedy([backend.encode("Hello")], 1)  # a forward pass without gradients first
     before = _quantised_bytes(backend.model)
     assert len(before) >= 2 * 4 * 6  # every attention and MLP projection but four down_projs
     edited_before = {layer: backend.weight(layer) for layer in EDIT}
@@ -118,6 +117,22 @@ def test_a_4bit_model_edits_without_touching_its_quantised_weights(checkpoint, t
         change = backend.weight(layer) - edited_before[layer]
         assert np.abs(change).max() > 0
         assert np.linalg.matrix_rank(change.astype(np.float64), tol=1e-4) <= 2  # text + chat keys
+
+
+@needs_bnb
+def test_gradients_pass_through_4bit_layers_after_a_generation(checkpoint):
+    """v* backpropagates through the 4-bit projections after the edit layer. bitsandbytes
+    0.50 would repack them for a CPU kernel without a backward on the first forward pass
+    without gradients, and the gradient would then skip them silently."""
+    backend = TorchBackend.from_folder(checkpoint, DEVICE, edit_layers=EDIT, four_bit=True)
+    backend.greedy([backend.encode("Hello there")], 2)
+    up = backend.model.model.layers[1].mlp.up_proj
+    assert type(up).__name__ == "Linear4bit"
+    x = torch.randn(3, up.in_features, device=backend._device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "an autograd kernel was not registered"
+        up(x).float().pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().max() > 0
 
 
 @needs_bnb
