@@ -70,3 +70,13 @@ def test_two_first_starts_caching_the_same_statistics_at_once_both_finish(tmp_pa
         assert other.wait(timeout=120) == 0
     np.testing.assert_array_equal(load_file(str(path))["layer.4"], np.eye(16, dtype=np.float32))
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_importing_bitsandbytes_under_sleeptui_says_nothing_of_hub_kernels():
+    """bitsandbytes asks the Hub for a CPU kernel when it is imported (peft imports it for
+    every consolidation); offline that fails and, unfiltered, says so on stderr."""
+    pytest.importorskip("bitsandbytes")
+    code = "import sleeptui.models, bitsandbytes, peft"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels-community" not in proc.stderr
