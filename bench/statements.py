@@ -76,7 +76,8 @@ def main() -> None:
             chat=says(s, r["object"]),
             ask_recall=says(a, r["object"]),
             question=f.questions[0],
-            answer=a,
+            answer=s,
+            own_answer=a,
             fact=f"{f.subject} · {f.relation} · {f.object}",
         )
     table = Table(title=f"{len(rows)} statements of our own, written one at a time")
