@@ -3,30 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sleeptui.errors import ModelNotFound
 from sleeptui.presets import DEFAULT_PRESET, PRESETS, EditConfig, Preset
-
-# Nothing sleeptui does may reach a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-class _NoHubKernels(logging.Filter):
-    """Drops the two lines bitsandbytes and ``kernels`` log when bitsandbytes is imported
-    (peft imports it for every consolidation) on a CPU with AVX512-BF16: it asks the Hub for
-    a kernel, which offline can only fail, and says so on stderr, under the app too."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
-
-
-for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
-    logging.getLogger(_logger).addFilter(_NoHubKernels())
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ the priors) are single files, written the same way by each start."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,17 @@ def test_importing_bitsandbytes_under_sleeptui_says_nothing_of_hub_kernels():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "kernels-community" not in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["sleeptui.backends.torch_backend", "sleeptui.cli"])
+def test_any_sleeptui_import_puts_the_hub_offline_before_transformers_reads_it(module):
+    """huggingface_hub reads HF_HUB_OFFLINE once, on its first import; a backend module
+    imported first (as the benches do) used to load transformers before anything set it,
+    and a shell's HF_HUB_OFFLINE=0 must not let a run reach the Hub either."""
+    code = f"import {module}, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
